@@ -1,0 +1,437 @@
+"""Training: the train step, a whole epoch as one compiled ``lax.scan``, the fit loop, and the CLI.
+
+    python -m jaxcf.train --config configs/bias.yaml [--set key=value ...] [--workdir DIR]
+                          [--resume] [--quiet]
+
+The ratings go onto the device once. Each epoch is one jitted call: the epoch's permutation is
+applied on the device, the batches are scanned, and the state buffers are donated. The host syncs
+once per epoch (batch losses for the notebook's smoothed loss, the NaN check, validation, logging).
+
+The last partial batch is trained on, as torch's DataLoader does (80,004 training ratings give 1,250
+batches of 64 and one of 4): it is padded to the batch size with zero-weight entries, and the loss
+is ``sum(w * err**2) / sum(w)``, so its gradient is exactly that of the 4 real ratings.
+
+What does not live here: models (``jaxcf.models``), optimizers (``jaxcf.optim``), metrics
+(``jaxcf.evaluate``), checkpoint formats (``jaxcf.checkpoint``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxcf import checkpoint, evaluate, models, optim
+from jaxcf.config import Config, ConfigError, dump, load, to_dict
+from jaxcf.data import DataError, Dataset
+from jaxcf.data import load as load_dataset
+
+log = logging.getLogger("jaxcf.train")
+
+
+class TrainState(NamedTuple):
+    params: dict[str, jax.Array]
+    opt_state: Any
+    step: jax.Array  # int32[] optimizer steps taken
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class WorkdirError(ValueError):
+    """A workdir that cannot be used as asked; the message is one line meant for the user."""
+
+
+def weighted_mse(predictions: jax.Array, ratings: jax.Array, weights: jax.Array) -> jax.Array:
+    """MSE over the entries with weight 1; padding entries (weight 0) contribute nothing."""
+    err = predictions - ratings
+    return jnp.sum(weights * err * err) / jnp.sum(weights)
+
+
+def make_train_step(optimizer, y_range: tuple[float, float] | None) -> Callable:
+    """A pure ``(state, users, items, ratings, weights) -> (state, loss)`` for one batch."""
+
+    def loss_of_rows(rows, ratings, weights):
+        return weighted_mse(models.score_rows(rows, y_range), ratings, weights)
+
+    if isinstance(optimizer, optim.RowSparse):
+
+        def sparse_step(state, users, items, ratings, weights):
+            rows = models.gather_rows(state.params, users, items)
+            loss, row_grads = jax.value_and_grad(loss_of_rows)(rows, ratings, weights)
+            # Padding entries must not count as touching a row (they would advance its moments).
+            real = weights > 0
+            params, opt_state = optimizer.update(
+                state.params, state.opt_state, row_grads, jnp.where(real, users, -1), jnp.where(real, items, -1)
+            )
+            return TrainState(params, opt_state, state.step + 1), loss
+
+        return sparse_step
+
+    def dense_step(state, users, items, ratings, weights):
+        def loss_fn(params):
+            return loss_of_rows(models.gather_rows(params, users, items), ratings, weights)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
+
+    return dense_step
+
+
+def num_batches(num_ratings: int, batch_size: int) -> int:
+    return -(-num_ratings // batch_size)
+
+
+def make_train_epoch(optimizer, y_range, batch_size: int) -> Callable:
+    """A jitted ``(state, users, items, ratings, order) -> (state, float32[num_batches] losses)``.
+
+    ``order`` is int32[n]: the epoch's permutation of the training rows. The state is donated.
+    """
+    step = make_train_step(optimizer, y_range)
+
+    def epoch(state, users, items, ratings, order):
+        n = order.shape[0]
+        batches = num_batches(n, batch_size)
+        pad = batches * batch_size - n
+        index = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
+        weights = jnp.concatenate([jnp.ones((n,), ratings.dtype), jnp.zeros((pad,), ratings.dtype)])
+        xs = (
+            jnp.take(users, index).reshape(batches, batch_size),
+            jnp.take(items, index).reshape(batches, batch_size),
+            jnp.take(ratings, index).reshape(batches, batch_size),
+            weights.reshape(batches, batch_size),
+        )
+
+        def body(state, batch):
+            return step(state, *batch)
+
+        return jax.lax.scan(body, state, xs)
+
+    return jax.jit(epoch, donate_argnums=(0,))
+
+
+def shuffle_order(key: jax.Array, epoch: int, num_ratings: int) -> jax.Array:
+    """The training order of ``epoch`` (0-based): a pure function of the seed and the epoch, so a
+    resumed run replays exactly the order an uninterrupted run uses."""
+    return jax.random.permutation(jax.random.fold_in(key, epoch), num_ratings).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------------- fit
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything derived from a config and a dataset before training starts."""
+
+    config: Config
+    dataset: Dataset
+    model: Any
+    y_range: tuple[float, float] | None
+    optimizer: Any
+
+    @property
+    def train_rows(self) -> np.ndarray:
+        return self.dataset.split.train
+
+    @property
+    def valid_rows(self) -> np.ndarray:
+        return self.dataset.split.valid
+
+
+def make_setup(config: Config, dataset: Dataset) -> Setup:
+    ratings = dataset.ratings
+    y_range = None
+    if config.model.kind == "bias":
+        y_range = config.model.y_range or ratings.rating_range
+        if not y_range[0] < y_range[1]:
+            raise DataError(
+                f"{ratings.source}: every rating is {y_range[0]}, so the biased model's range "
+                "(min, max) is empty; set model.y_range: [low, high] or use model.kind: dot"
+            )
+        y_range = (float(y_range[0]), float(y_range[1]))
+    model = models.build(config.model.kind, ratings.num_users, ratings.num_items, config.model.n_factors, y_range)
+    return Setup(config, dataset, model, y_range, optim.build(config.optim))
+
+
+def init_state(setup: Setup, params: dict[str, jax.Array] | None = None) -> TrainState:
+    """Initial state; ``params`` injects weights (e.g. PyTorch's) instead of the seeded init."""
+    if params is None:
+        params = models.init_params(setup.model, jax.random.fold_in(jax.random.key(setup.config.seed), 0))
+    params = {name: jnp.asarray(value, jnp.float32) for name, value in params.items()}
+    return TrainState(params, setup.optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+@dataclasses.dataclass
+class Progress:
+    """Host-side state that must survive a resume besides the device state."""
+
+    epoch: int = 0  # epochs completed
+    avg_loss: float = 0.0  # the notebook's exponential moving average, not yet debiased
+    batch_num: int = 0  # batches seen over all epochs
+    history: list = dataclasses.field(default_factory=list)
+
+
+def fit(
+    setup: Setup,
+    state: TrainState | None = None,
+    *,
+    progress: Progress | None = None,
+    orders: Callable[[int], np.ndarray] | None = None,
+    on_epoch: Callable[[TrainState, Progress, dict], None] | None = None,
+    show_progress: bool = False,
+) -> tuple[TrainState, Progress]:
+    """Trains for ``config.train.epochs`` epochs (continuing from ``progress.epoch``).
+
+    Args:
+      setup: from :func:`make_setup`.
+      state: the starting state; None for a fresh seeded init.
+      progress: host-side progress of a resumed run.
+      orders: ``epoch -> int32[n_train]`` positions into the training rows; overrides the seeded
+        shuffle (the parity suite feeds torch's batch order through this).
+      on_epoch: called after each epoch with the new state, progress and metrics record.
+      show_progress: draw a tqdm bar over epochs on stderr.
+
+    Returns:
+      (final state, progress with the metric history).
+
+    Raises:
+      TrainingDiverged: when an epoch's loss is NaN or infinite; the state of that epoch is dropped.
+    """
+    from tqdm.auto import tqdm
+
+    config = setup.config
+    ratings = setup.dataset.ratings
+    state = state if state is not None else init_state(setup)
+    progress = progress or Progress()
+    train = setup.train_rows
+    users = jnp.asarray(ratings.users[train])
+    items = jnp.asarray(ratings.items[train])
+    targets = jnp.asarray(ratings.ratings[train])
+    valid = setup.valid_rows
+    valid_users, valid_items, valid_targets = ratings.users[valid], ratings.items[valid], ratings.ratings[valid]
+    epoch_fn = make_train_epoch(setup.optimizer, setup.y_range, config.train.batch_size)
+    predict_fn = evaluate.make_predict_fn(setup.y_range)
+    shuffle_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+
+    bar = tqdm(
+        total=config.train.epochs, initial=progress.epoch, disable=not show_progress,
+        desc="train", unit="epoch", leave=False, file=sys.stderr,
+    )
+    for epoch in range(progress.epoch, config.train.epochs):
+        start = time.perf_counter()
+        order = (
+            jnp.asarray(orders(epoch), jnp.int32) if orders is not None
+            else shuffle_order(shuffle_key, epoch, len(train))
+        )
+        state, losses = epoch_fn(state, users, items, targets, order)
+        losses = np.asarray(losses)  # the one host sync of the epoch
+        train_seconds = time.perf_counter() - start
+        if not np.all(np.isfinite(losses)):
+            bad = int(np.argmax(~np.isfinite(losses)))
+            raise TrainingDiverged(
+                f"training diverged in epoch {epoch + 1}: the loss of batch {bad + 1} is {losses[bad]}; "
+                "lower optim.learning_rate (the last good checkpoint is kept)"
+            )
+        avg_loss, batch_num, train_loss = evaluate.debiased_ema(progress.avg_loss, progress.batch_num, losses)
+        predictions = evaluate.predict_chunked(
+            predict_fn, state.params, valid_users, valid_items, config.train.eval_batch_size
+        )
+        valid_mse = evaluate.mse(predictions, valid_targets)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_mse_epoch_mean": float(np.mean(losses, dtype=np.float64)),
+            "valid_mse": valid_mse,
+            "valid_rmse": math.sqrt(valid_mse),
+            "valid_mae": evaluate.mae(predictions, valid_targets),
+            "valid_loss_notebook": evaluate.batch_mean_mse(predictions, valid_targets, 128),
+            "train_seconds": train_seconds,
+            "seconds": time.perf_counter() - start,
+        }
+        progress = Progress(epoch + 1, avg_loss, batch_num, [*progress.history, record])
+        bar.update(1)
+        bar.set_postfix(valid_rmse=f"{record['valid_rmse']:.4f}")
+        if on_epoch is not None:
+            on_epoch(state, progress, record)
+    bar.close()
+    return state, progress
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+def _has_run(workdir: Path) -> bool:
+    return any((workdir / name).exists() for name in ("config.yaml", "metrics.jsonl", checkpoint.CHECKPOINT_DIR))
+
+
+def default_workdir(config_name: str | None) -> Path:
+    stem = Path(config_name).stem if config_name else "run"
+    return Path("runs") / f"{stem}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
+
+
+def _comparable(config: Config) -> dict:
+    """The parts of a config a resume may not change (epochs and checkpointing may change)."""
+    raw = to_dict(config)
+    raw["train"].pop("epochs")
+    raw.pop("checkpoint")
+    return raw
+
+
+def _write_metrics(workdir: Path, history: list) -> None:
+    checkpoint.atomic_write_text(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+
+def format_row(record: dict) -> str:
+    return (
+        f"{record['epoch']:>5d}  {record['train_loss']:>10.6f}  {record['valid_mse']:>9.6f}  "
+        f"{record['valid_rmse']:>10.6f}  {record['seconds']:>7.2f}"
+    )
+
+
+HEADER = "epoch  train_loss  valid_mse  valid_rmse  seconds"
+
+
+def run(
+    config: Config,
+    workdir: Path,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    dataset: Dataset | None = None,
+    out=sys.stdout,
+) -> Progress:
+    """Trains ``config`` into ``workdir``: config.yaml, metrics.jsonl, checkpoints/, model/.
+
+    Raises:
+      ConfigError, DataError, WorkdirError: before anything is written.
+      TrainingDiverged: after the last good checkpoint.
+    """
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir}: exists and is not a directory; choose another path")
+    saved_config = None
+    if resume:
+        if checkpoint.latest_epoch(workdir) is None:
+            raise WorkdirError(f"--resume: no checkpoint in {workdir}; train without --resume to start a run there")
+        saved_config = load(workdir / "config.yaml")
+        if _comparable(saved_config) != _comparable(config):
+            raise WorkdirError(
+                f"--resume: the config differs from the one saved in {workdir / 'config.yaml'} "
+                "(only train.epochs and checkpoint.* may change); pass --config that file"
+            )
+    elif workdir.exists() and _has_run(workdir):
+        raise WorkdirError(
+            f"workdir {workdir} already holds a run; pass --resume to continue it, or choose a new --workdir"
+        )
+    dataset = dataset if dataset is not None else load_dataset(config.data, config.seed)
+    setup = make_setup(config, dataset)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_text(workdir / "config.yaml", dump(config))
+    state, progress = init_state(setup), Progress()
+    mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep)
+    try:
+        if resume:
+            epoch = mngr.latest_step()
+            state, saved = checkpoint.restore(mngr, epoch, state)
+            progress = Progress(saved["epoch"], saved["avg_loss"], saved["batch_num"], saved["history"])
+            print(f"resumed from epoch {progress.epoch} in {workdir}", file=out)
+        print(HEADER, file=out)
+        for record in progress.history:
+            print(format_row(record), file=out)
+
+        def on_epoch(state, progress, record):
+            print(format_row(record), file=out, flush=True)
+            _write_metrics(workdir, progress.history)
+            every = config.checkpoint.every_epochs
+            if progress.epoch == config.train.epochs or (every and progress.epoch % every == 0):
+                checkpoint.save(mngr, progress.epoch, state, dataclasses.asdict(progress))
+
+        show = not quiet and sys.stderr.isatty()
+        state, progress = fit(setup, state, progress=progress, on_epoch=on_epoch, show_progress=show)
+    finally:
+        mngr.close()
+    export(setup, state, progress, workdir)
+    return progress
+
+
+def export(setup: Setup, state: TrainState, progress: Progress, workdir: Path) -> Path:
+    ratings = setup.dataset.ratings
+    train = setup.train_rows
+    return checkpoint.export_model(
+        workdir,
+        params=jax.device_get(state.params),
+        user_ids=ratings.user_ids.raw,
+        item_ids=ratings.item_ids.raw,
+        train_users=ratings.users[train],
+        train_items=ratings.items[train],
+        config=to_dict(setup.config),
+        model_info={
+            "kind": setup.config.model.kind,
+            "n_factors": setup.config.model.n_factors,
+            "y_range": list(setup.y_range) if setup.y_range else None,
+            "num_users": ratings.num_users,
+            "num_items": ratings.num_items,
+        },
+        data_info={
+            "source": ratings.source,
+            "sha256": ratings.sha256,
+            "num_ratings": len(ratings),
+            "num_train": len(train),
+            "num_valid": len(setup.valid_rows),
+            "split": setup.dataset.split.name,
+        },
+        metrics=progress.history,
+        titles=setup.dataset.titles,
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jaxcf.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML file, or the name of a shipped config (bias.yaml, dot.yaml, ...)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--workdir", type=Path, help="output folder (default: a new folder under runs/)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --workdir")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.resume and args.workdir is None:
+            raise WorkdirError("--resume needs --workdir: the folder of the run to continue")
+        config_name = args.config
+        if config_name is None and args.resume and (args.workdir / "config.yaml").is_file():
+            config_name = str(args.workdir / "config.yaml")
+        config = load(config_name, args.set)
+        workdir = args.workdir or default_workdir(config_name)
+        progress = run(config, workdir, resume=args.resume, quiet=args.quiet)
+    except (ConfigError, DataError, WorkdirError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    final = progress.history[-1] if progress.history else {}
+    print(f"final valid_rmse {final.get('valid_rmse', float('nan')):.4f}; outputs in {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
