@@ -34,10 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcf import checkpoint, evaluate, models, optim
+from jaxcf import checkpoint, evaluate, export, models, optim
 from jaxcf.config import Config, ConfigError, dump, load, to_dict
 from jaxcf.data import DataError, Dataset
 from jaxcf.data import load as load_dataset
+from jaxcf.fileio import atomic_write_text
 
 log = logging.getLogger("jaxcf.train")
 
@@ -293,7 +294,7 @@ def _comparable(config: Config) -> dict:
 
 
 def _write_metrics(workdir: Path, history: list) -> None:
-    checkpoint.atomic_write_text(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    atomic_write_text(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
 
 def format_row(record: dict) -> str:
@@ -341,7 +342,7 @@ def run(
     setup = make_setup(config, dataset)
 
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_text(workdir / "config.yaml", dump(config))
+    atomic_write_text(workdir / "config.yaml", dump(config))
     state, progress = init_state(setup), Progress()
     mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep)
     try:
@@ -365,14 +366,14 @@ def run(
         state, progress = fit(setup, state, progress=progress, on_epoch=on_epoch, show_progress=show)
     finally:
         mngr.close()
-    export(setup, state, progress, workdir)
+    export_run(setup, state, progress, workdir)
     return progress
 
 
-def export(setup: Setup, state: TrainState, progress: Progress, workdir: Path) -> Path:
+def export_run(setup: Setup, state: TrainState, progress: Progress, workdir: Path) -> Path:
     ratings = setup.dataset.ratings
     train = setup.train_rows
-    return checkpoint.export_model(
+    return export.export_model(
         workdir,
         params=jax.device_get(state.params),
         user_ids=ratings.user_ids.raw,

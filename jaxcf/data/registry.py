@@ -19,7 +19,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from jaxcf.data.ratings import DataError, Ratings, Split, load_csv, random_split, ratings_from_columns
+from jaxcf.data.ratings import (
+    DataError,
+    Ratings,
+    Split,
+    load_csv,
+    random_split,
+    ratings_from_columns,
+)
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 
