@@ -314,7 +314,7 @@ def run(
     resume: bool = False,
     quiet: bool = False,
     dataset: Dataset | None = None,
-    out=sys.stdout,
+    out=None,
 ) -> Progress:
     """Trains ``config`` into ``workdir``: config.yaml, metrics.jsonl, checkpoints/, model/.
 
@@ -322,6 +322,7 @@ def run(
       ConfigError, DataError, WorkdirError: before anything is written.
       TrainingDiverged: after the last good checkpoint.
     """
+    out = out if out is not None else sys.stdout
     if workdir.exists() and not workdir.is_dir():
         raise WorkdirError(f"--workdir {workdir}: exists and is not a directory; choose another path")
     saved_config = None
@@ -404,7 +405,9 @@ def export_run(setup: Setup, state: TrainState, progress: Progress, workdir: Pat
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jaxcf.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML file, or the name of a shipped config (bias.yaml, dot.yaml, ...)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument(
+        "--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys"
+    )
     parser.add_argument("--workdir", type=Path, help="output folder (default: a new folder under runs/)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --workdir")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

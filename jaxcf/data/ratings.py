@@ -155,14 +155,14 @@ def read_table(
     convert_options = pacsv.ConvertOptions(include_columns=list(columns), include_missing_columns=False)
     try:
         table = pacsv.read_csv(path, read_options, parse_options, convert_options)
-    except pa.ArrowInvalid as err:
+    except pa.ArrowException as err:
         message = _first_line(err)
-        if "include_columns" in message or "No such column" in message or "not found" in message:
+        if "include_columns" in message or "No such column" in message:
             try:
                 header_names = pacsv.read_csv(
                     path, read_options, parse_options, pacsv.ConvertOptions()
                 ).column_names
-            except pa.ArrowInvalid:
+            except pa.ArrowException:
                 header_names = []
             missing = [c for c in columns if c not in header_names]
             shown = ", ".join(header_names[:8]) or "(none readable)"
@@ -173,9 +173,15 @@ def read_table(
             ) from None
         if "UTF8" in message or "utf8" in message.lower() or "decode" in message.lower():
             raise DataError(f"{path}: not valid UTF-8 text ({message}); re-encode the file as UTF-8") from None
-        raise DataError(f"{path}: cannot parse CSV: {message}") from None
-    except (OSError, pa.ArrowException) as err:
+        if isinstance(err, pa.ArrowInvalid):
+            raise DataError(f"{path}: cannot parse CSV: {message}") from None
+        raise DataError(f"{path}: cannot read: {message}") from None
+    except OSError as err:
         raise DataError(f"{path}: cannot read: {_first_line(err)}") from None
+    for name in table.column_names:
+        # pyarrow reads bytes that are not UTF-8 as a binary column instead of failing.
+        if pa.types.is_binary(table.column(name).type) or pa.types.is_large_binary(table.column(name).type):
+            raise DataError(f"{path}: column {name!r} holds bytes that are not valid UTF-8; re-encode the file as UTF-8")
     return table
 
 
@@ -212,7 +218,7 @@ def ratings_from_columns(
     if bad.any():
         row = int(np.argmax(bad))
         raise DataError(
-            f"{source}: rating in data row {row + 1} is {ratings[row]!r}; ratings must be finite numbers"
+            f"{source}: rating in data row {row + 1} is {ratings[row].item()!r}; ratings must be finite numbers"
         )
     if rating_range is not None:
         low, high = rating_range
@@ -220,7 +226,7 @@ def ratings_from_columns(
         if outside.any():
             row = int(np.argmax(outside))
             raise DataError(
-                f"{source}: rating {ratings[row]!r} in data row {row + 1} is outside data.rating_range "
+                f"{source}: rating {ratings[row].item()!r} in data row {row + 1} is outside data.rating_range "
                 f"[{low}, {high}]; fix the file or the declared range"
             )
     user_codes, user_uniques = pd.factorize(users_raw)

@@ -1,0 +1,159 @@
+"""Training: the step, the epoch, the CLI's outputs, determinism, resume, and quality on real data."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import safetensors.numpy
+import yaml
+
+from jaxcf import config as cfg
+from jaxcf import train
+
+ROOT = Path(__file__).parents[1]
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run(workdir, *overrides, resume=False):
+    argv = ["--config", "bias.yaml", "--workdir", str(workdir), "--quiet"]
+    if overrides:
+        argv += ["--set", *overrides]
+    return train.main(argv + (["--resume"] if resume else []))
+
+
+def test_padded_last_batch_has_the_gradient_of_its_real_ratings():
+    model_cfg = cfg.Config()
+    params = {"user_embedding": jnp.ones((3, 2)) * 0.1, "item_embedding": jnp.arange(8.0).reshape(4, 2) / 10}
+    tx = optax.sgd(1.0)
+    step = train.make_train_step(tx, None)
+    state = train.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+    users, items, ratings = jnp.array([0, 2, 0, 0]), jnp.array([1, 3, 0, 0]), jnp.array([1.0, 2.0, 0.0, 0.0])
+    padded, loss_padded = step(state, users, items, ratings, jnp.array([1.0, 1.0, 0.0, 0.0]))
+    exact, loss_exact = step(state, users[:2], items[:2], ratings[:2], jnp.ones(2))
+    assert model_cfg.train.batch_size == 64
+    np.testing.assert_allclose(loss_padded, loss_exact, rtol=1e-7)
+    for name in params:
+        np.testing.assert_allclose(padded.params[name], exact.params[name], rtol=1e-7, err_msg=name)
+
+
+def test_epoch_trains_every_rating_once_including_the_partial_batch():
+    # With SGD on a dot model and one rating per user, each user's row moves iff it was trained on.
+    n, batch = 10, 4  # 2 full batches and a partial one of 2
+    params = {"user_embedding": jnp.full((n, 1), 0.5), "item_embedding": jnp.full((1, 1), 0.5)}
+    tx = optax.sgd(0.1)
+    epoch = train.make_train_epoch(tx, None, batch)
+    state = train.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+    users = jnp.arange(n, dtype=jnp.int32)
+    state, losses = epoch(state, users, jnp.zeros(n, jnp.int32), jnp.full((n,), 3.0), jnp.arange(n, dtype=jnp.int32))
+    assert losses.shape == (3,) and int(state.step) == 3
+    assert np.all(np.asarray(state.params["user_embedding"]) > 0.5)
+
+
+def test_short_run_lowers_the_loss_and_writes_its_outputs(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert _run(workdir, "train.epochs=2", "model.n_factors=8") == 0
+    out = capsys.readouterr().out
+    assert "epoch  train_loss  valid_mse  valid_rmse  seconds" in out and "final valid_rmse" in out
+    records = _metrics(workdir)
+    assert [r["epoch"] for r in records] == [1, 2]
+    for key in ("train_loss", "valid_mse", "valid_rmse", "seconds"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    assert records[1]["train_loss"] < records[0]["train_loss"]
+    assert records[1]["valid_mse"] < records[0]["valid_mse"]
+    assert records[0]["valid_rmse"] == pytest.approx(np.sqrt(records[0]["valid_mse"]))
+    saved = yaml.safe_load((workdir / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 2 and saved["model"]["n_factors"] == 8
+    assert cfg.from_dict(saved).model.n_factors == 8
+    assert (workdir / "model" / "weights.safetensors").is_file()
+
+
+def test_same_config_same_metrics(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for workdir in (a, b):
+        assert _run(workdir, "train.epochs=1", "model.n_factors=8") == 0
+    drop = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]  # noqa: E731
+    assert drop(_metrics(a)) == drop(_metrics(b))
+    wa = safetensors.numpy.load_file(a / "model" / "weights.safetensors")
+    wb = safetensors.numpy.load_file(b / "model" / "weights.safetensors")
+    for name in wa:
+        np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)
+    c = tmp_path / "c"
+    assert _run(c, "train.epochs=1", "model.n_factors=8", "seed=7") == 0
+    assert drop(_metrics(c)) != drop(_metrics(a))
+
+
+def test_existing_run_is_refused_without_resume(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert _run(workdir, "train.epochs=1", "model.n_factors=4") == 0
+    before = (workdir / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert _run(workdir, "train.epochs=1", "model.n_factors=4") == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err
+    assert (workdir / "metrics.jsonl").read_bytes() == before
+
+
+def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tmp_path, capsys):
+    assert _run(tmp_path / "empty", resume=True) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    workdir = tmp_path / "run"
+    assert _run(workdir, "train.epochs=1", "model.n_factors=4") == 0
+    capsys.readouterr()
+    assert _run(workdir, "train.epochs=2", "model.n_factors=5", resume=True) == 2
+    assert "config differs" in capsys.readouterr().err
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "jaxcf.train", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_resume_in_a_new_process_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    common = ["--config", "bias.yaml", "--quiet", "--set", "model.n_factors=16"]
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    assert _cli(*common, "train.epochs=3", "--workdir", str(full)).returncode == 0
+    first = _cli(*common, "train.epochs=1", "--workdir", str(parts))
+    assert first.returncode == 0, first.stderr
+    second = _cli(*common, "train.epochs=3", "--workdir", str(parts), "--resume")
+    assert second.returncode == 0, second.stderr
+    assert "resumed from epoch 1" in second.stdout
+    wf = safetensors.numpy.load_file(full / "model" / "weights.safetensors")
+    wp = safetensors.numpy.load_file(parts / "model" / "weights.safetensors")
+    for name in wf:
+        np.testing.assert_array_equal(wf[name], wp[name], err_msg=name)
+    drop = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]  # noqa: E731
+    assert drop(_metrics(full)) == drop(_metrics(parts))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config, overrides, band",
+    [
+        ("bias.yaml", [], (0.86, 0.895)),  # notebook: 0.8787
+        ("bias.yaml", ["optim.name=adam"], (0.86, 0.895)),  # the notebook's exact optimizer
+        ("dot.yaml", [], (1.03, 1.09)),  # notebook: 1.0568
+    ],
+)
+def test_notebook_configs_land_in_the_notebook_band(config, overrides, band, tmp_path):
+    workdir = tmp_path / "run"
+    argv = ["--config", config, "--workdir", str(workdir), "--quiet"] + (["--set", *overrides] if overrides else [])
+    assert train.main(argv) == 0
+    records = _metrics(workdir)
+    assert len(records) == 5
+    low, high = band
+    assert low <= records[-1]["valid_rmse"] <= high, records[-1]["valid_rmse"]
+
+
+def test_jax_config_is_untouched_by_import():
+    # Importing the package must not flip process-wide flags (x64 would change every dtype above).
+    assert not jax.config.jax_enable_x64
