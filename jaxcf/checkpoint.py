@@ -40,14 +40,6 @@ def save(mngr: ocp.CheckpointManager, epoch: int, state: Any, progress: Mapping[
     mngr.wait_until_finished()
 
 
-def latest_epoch(workdir: str | Path) -> int | None:
-    path = Path(workdir) / CHECKPOINT_DIR
-    if not path.is_dir():
-        return None
-    with manager(workdir) as mngr:
-        return mngr.latest_step()
-
-
 def restore(mngr: ocp.CheckpointManager, epoch: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores (state, progress) saved after ``epoch``, shaped like ``abstract_state``."""
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)

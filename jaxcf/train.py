@@ -18,12 +18,16 @@ What does not live here: models (``jaxcf.models``), optimizers (``jaxcf.optim``)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
+import fcntl
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -307,6 +311,78 @@ def format_row(record: dict) -> str:
 HEADER = "epoch  train_loss  valid_mse  valid_rmse  seconds"
 
 
+class Interrupted(Exception):
+    """SIGINT arrived; the state after the last finished epoch was checkpointed."""
+
+    def __init__(self, epoch: int, workdir: Path):
+        super().__init__(
+            f"interrupted: saved a checkpoint after epoch {epoch} in {workdir}; "
+            f"continue with --workdir {workdir} --resume"
+        )
+
+
+class _SigintFlag:
+    """Turns the first SIGINT into a flag checked between epochs; a second one aborts at once."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _check_workdir(workdir: Path, resume: bool, config: Config) -> None:
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir}: exists and is not a directory; choose another path")
+    if resume:
+        if not (workdir / "config.yaml").is_file():
+            raise WorkdirError(f"--resume: {workdir} holds no run to continue; train without --resume to start one")
+        if _comparable(load(workdir / "config.yaml")) != _comparable(config):
+            raise WorkdirError(
+                f"--resume: the config differs from the one saved in {workdir / 'config.yaml'} "
+                "(only train.epochs and checkpoint.* may change); pass --config that file"
+            )
+    elif workdir.exists() and _has_run(workdir):
+        raise WorkdirError(
+            f"workdir {workdir} already holds a run; pass --resume to continue it, or choose a new --workdir"
+        )
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path):
+    """An exclusive lock on WORKDIR/.lock, held while a process trains there.
+
+    ``flock`` is released by the kernel when the process dies, so a killed run never leaves a
+    stale lock behind.
+
+    Raises:
+      WorkdirError: when another process holds it.
+    """
+    handle = open(workdir / ".lock", "a+")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkdirError(
+                f"workdir {workdir} is in use by another training process; wait for it or choose another --workdir"
+            ) from None
+        yield
+    finally:
+        handle.close()
+
+
 def run(
     config: Config,
     workdir: Path,
@@ -318,56 +394,49 @@ def run(
 ) -> Progress:
     """Trains ``config`` into ``workdir``: config.yaml, metrics.jsonl, checkpoints/, model/.
 
+    With ``resume``, continues from the newest checkpoint (from the start when the run was stopped
+    before its first checkpoint).
+
     Raises:
       ConfigError, DataError, WorkdirError: before anything is written.
-      TrainingDiverged: after the last good checkpoint.
+      TrainingDiverged: the last good checkpoint is kept.
+      Interrupted: on SIGINT, after checkpointing the last finished epoch.
     """
     out = out if out is not None else sys.stdout
-    if workdir.exists() and not workdir.is_dir():
-        raise WorkdirError(f"--workdir {workdir}: exists and is not a directory; choose another path")
-    saved_config = None
-    if resume:
-        if checkpoint.latest_epoch(workdir) is None:
-            raise WorkdirError(f"--resume: no checkpoint in {workdir}; train without --resume to start a run there")
-        saved_config = load(workdir / "config.yaml")
-        if _comparable(saved_config) != _comparable(config):
-            raise WorkdirError(
-                f"--resume: the config differs from the one saved in {workdir / 'config.yaml'} "
-                "(only train.epochs and checkpoint.* may change); pass --config that file"
-            )
-    elif workdir.exists() and _has_run(workdir):
-        raise WorkdirError(
-            f"workdir {workdir} already holds a run; pass --resume to continue it, or choose a new --workdir"
-        )
+    _check_workdir(workdir, resume, config)
     dataset = dataset if dataset is not None else load_dataset(config.data, config.seed)
     setup = make_setup(config, dataset)
 
     workdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(workdir / "config.yaml", dump(config))
-    state, progress = init_state(setup), Progress()
-    mngr = checkpoint.manager(workdir, keep=config.checkpoint.keep)
-    try:
-        if resume:
-            epoch = mngr.latest_step()
-            state, saved = checkpoint.restore(mngr, epoch, state)
-            progress = Progress(saved["epoch"], saved["avg_loss"], saved["batch_num"], saved["history"])
-            print(f"resumed from epoch {progress.epoch} in {workdir}", file=out)
-        print(HEADER, file=out)
-        for record in progress.history:
-            print(format_row(record), file=out)
+    with workdir_lock(workdir), _SigintFlag() as sigint:
+        _check_workdir(workdir, resume, config)  # again, now that no other process can start here
+        atomic_write_text(workdir / "config.yaml", dump(config))
+        state, progress = init_state(setup), Progress()
+        with checkpoint.manager(workdir, keep=config.checkpoint.keep) as mngr:
+            latest = mngr.latest_step() if resume else None
+            if latest is not None:
+                state, saved = checkpoint.restore(mngr, latest, state)
+                progress = Progress(saved["epoch"], saved["avg_loss"], saved["batch_num"], saved["history"])
+                print(f"resumed from epoch {progress.epoch} in {workdir}", file=out)
+            elif resume:
+                print(f"no checkpoint yet in {workdir}; starting from the beginning", file=out)
+            print(HEADER, file=out)
+            for record in progress.history:
+                print(format_row(record), file=out)
 
-        def on_epoch(state, progress, record):
-            print(format_row(record), file=out, flush=True)
-            _write_metrics(workdir, progress.history)
-            every = config.checkpoint.every_epochs
-            if progress.epoch == config.train.epochs or (every and progress.epoch % every == 0):
-                checkpoint.save(mngr, progress.epoch, state, dataclasses.asdict(progress))
+            def on_epoch(state, progress, record):
+                print(format_row(record), file=out, flush=True)
+                _write_metrics(workdir, progress.history)
+                every = config.checkpoint.every_epochs
+                last = progress.epoch == config.train.epochs
+                if last or sigint.raised or (every and progress.epoch % every == 0):
+                    checkpoint.save(mngr, progress.epoch, state, dataclasses.asdict(progress))
+                if sigint.raised and not last:
+                    raise Interrupted(progress.epoch, workdir)
 
-        show = not quiet and sys.stderr.isatty()
-        state, progress = fit(setup, state, progress=progress, on_epoch=on_epoch, show_progress=show)
-    finally:
-        mngr.close()
-    export_run(setup, state, progress, workdir)
+            show = not quiet and sys.stderr.isatty()
+            state, progress = fit(setup, state, progress=progress, on_epoch=on_epoch, show_progress=show)
+        export_run(setup, state, progress, workdir)
     return progress
 
 
@@ -432,6 +501,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except Interrupted as err:
+        print(str(err), file=sys.stderr)
+        return 130
     final = progress.history[-1] if progress.history else {}
     print(f"final valid_rmse {final.get('valid_rmse', float('nan')):.4f}; outputs in {workdir}")
     return 0
