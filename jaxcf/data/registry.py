@@ -1,15 +1,27 @@
 """Named MovieLens datasets: where each lives, how it is parsed, and how it is verified.
 
+- ``ml-latest-small`` (default): bundled, the October 2016 release the notebook uses; CSV.
+- ``ml-100k``: bundled; tab-separated ``u.data``, latin-1 ``u.item``; ``data.split`` may name an
+  official split (u1-u5, ua, ub) instead of the random one.
+- ``ml-latest-small-2018``: downloaded; the September 2018 release; CSV.
+- ``ml-1m``: downloaded; ``::``-separated ``ratings.dat``, latin-1 ``movies.dat``.
+- ``ml-10m``: downloaded; ``::``-separated ``ratings.dat``, UTF-8 ``movies.dat``.
+- ``ml-20m``, ``ml-25m``: downloaded; CSV.
+
 Bundled datasets ship inside the package (``jaxcf/data/bundled``) with their GroupLens README and a
 ``SHA256SUMS`` of the original, uncompressed bytes; they are verified on every load and need no
-network.
+network. The others are downloaded from GroupLens on first use into the cache
+(``jaxcf.data.download``), checked against the archive sizes and sha256 digests in
+:data:`ARCHIVES`. ml-32m is not offered: no sourced checksum for its archive was found.
 
-What does not live here: CSV parsing and splitting (``jaxcf.data.ratings``).
+What does not live here: CSV parsing and splitting (``jaxcf.data.ratings``), downloading and
+extraction (``jaxcf.data.download``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
@@ -19,13 +31,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from jaxcf.data import download
+from jaxcf.data.download import Archive
 from jaxcf.data.ratings import (
     DataError,
     Ratings,
     Split,
+    file_sha256,
     load_csv,
     random_split,
     ratings_from_columns,
+    read_table,
 )
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
@@ -132,24 +148,132 @@ def _ml_100k(split: str | None, valid_fraction: float, seed: int, rating_range) 
     return Dataset(ratings, Split(np.flatnonzero(~mask), np.flatnonzero(mask), name=split), titles)
 
 
+# ------------------------------------------------------------------------------ downloaded
+
+# Official GroupLens archives. Sizes and sha256 digests of ml-latest-small (2018), ml-1m, ml-20m and
+# ml-25m: tensorflow/datasets @ 1c076ac3c19c8ea83e1d1a75e0623c9a699e0d7c :
+# tensorflow_datasets/url_checksums/movielens.txt (see shared/data/PROVENANCE.md). ml-10m: sha256
+# from ISG-Siegen/OmniRec @ e498cceb6be13e3d287f0777355929645fc5871c :
+# src/omnirec/data_loaders/movielens_small.py (its digests for ml-1m, ml-20m, ml-25m and
+# ml-latest-small equal tensorflow/datasets'); the size, 65566137 bytes, is the one an independent
+# public download record gives with that same digest (that record also lists the MD5 that GroupLens
+# publishes as ml-10m.zip.md5 and many projects check, ce571fd55effeba0271552578f2648bd).
+ARCHIVES: dict[str, Archive] = {
+    "ml-latest-small-2018": Archive(
+        "ml-latest-small-2018", "ml-latest-small.zip", "ml-latest-small", 978202,
+        "696d65a3dfceac7c45750ad32df2c259311949efec81f0f144fdfb91ebc9e436",
+    ),
+    "ml-1m": Archive(
+        "ml-1m", "ml-1m.zip", "ml-1m", 5917549, "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20"
+    ),
+    "ml-10m": Archive(
+        "ml-10m", "ml-10m.zip", "ml-10M100K", 65566137,
+        "813c411ccb6122564edfe752e7f80c4dcc5aa25fa94c93622f6877a7ba252862",
+    ),
+    "ml-20m": Archive(
+        "ml-20m", "ml-20m.zip", "ml-20m", 198702078, "96f243c338a8665f6bcc89c53edf6ee39162a846940de6b7c8c48aeada765ff3"
+    ),
+    "ml-25m": Archive(
+        "ml-25m", "ml-25m.zip", "ml-25m", 261978986, "8b21cfb7eb1706b4ec0aac894368d90acf26ebdfb6aced3ebd4ad5bd1eb9c6aa"
+    ),
+}
+
+
+def _no_split(name: str, split: str | None) -> None:
+    if split is not None:
+        raise DataError(f"data.split={split!r}: {name} has no predefined splits; use data.split: null")
+
+
+def _required(folder: Path, name: str) -> Path:
+    path = folder / name
+    if not path.is_file():
+        raise DataError(
+            f"{path}: missing from the extracted archive; delete {folder} (and its .zip) to fetch it again"
+        )
+    return path
+
+
+def _dat_titles(path: Path, encoding: str) -> dict:
+    """``MovieID::Title::Genres`` lines; titles may contain ':' but never '::'."""
+    payload = path.read_bytes()
+    try:
+        text = payload.decode(encoding)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not valid {encoding} text; delete the extracted folder to fetch it again") from None
+    titles = {}
+    for line in text.splitlines():
+        fields = line.split("::", 2)
+        if len(fields) >= 2 and fields[0].strip().isdigit():
+            titles[int(fields[0])] = fields[1]
+    return titles
+
+
+def _csv_titles(path: Path) -> dict:
+    movies = pd.read_csv(path, usecols=["movieId", "title"], encoding="utf-8")
+    return dict(zip(movies["movieId"].to_numpy().tolist(), movies["title"].tolist()))
+
+
+def _downloaded_csv(name: str, split, valid_fraction: float, seed: int, rating_range) -> Dataset:
+    """The ml-latest-small (2018) / ml-20m / ml-25m layout: ``ratings.csv`` and ``movies.csv``."""
+    _no_split(name, split)
+    folder = download.fetch(ARCHIVES[name])
+    ratings_path = _required(folder, "ratings.csv")
+    ratings = load_csv(ratings_path, rating_range=rating_range, source=name)
+    titles = _csv_titles(_required(folder, "movies.csv"))
+    return Dataset(ratings, random_split(len(ratings), valid_fraction, seed), titles)
+
+
+# ``UserID::MovieID::Rating::Timestamp``: pyarrow's reader takes one-character delimiters, so the
+# line is split on ':' and the empty fields between the two colons are ignored.
+DAT_COLUMNS = ("user", "_1", "item", "_3", "rating", "_5", "timestamp")
+
+
+def _downloaded_dat(name: str, movies_encoding: str, split, valid_fraction: float, seed: int, rating_range) -> Dataset:
+    """The ml-1m / ml-10m layout: ``ratings.dat`` and ``movies.dat``, ``::``-separated."""
+    _no_split(name, split)
+    folder = download.fetch(ARCHIVES[name])
+    ratings_path = _required(folder, "ratings.dat")
+    table = read_table(ratings_path, ["user", "item", "rating"], delimiter=":", header=False, names=DAT_COLUMNS)
+    ratings = ratings_from_columns(
+        table.column("user").to_numpy(),
+        table.column("item").to_numpy(),
+        table.column("rating").to_numpy(),
+        source=name,
+        sha256=file_sha256(ratings_path),
+        rating_range=rating_range,
+        names=("UserID", "MovieID", "Rating"),
+    )
+    titles = _dat_titles(_required(folder, "movies.dat"), movies_encoding)
+    return Dataset(ratings, random_split(len(ratings), valid_fraction, seed), titles)
+
+
 Loader = Callable[[str | None, float, int, "tuple[float, float] | None"], Dataset]
 
-# Small explicit registry: name -> loader. Downloadable releases are added in the same table.
+# Small explicit registry: name -> loader.
 DATASETS: dict[str, Loader] = {
     "ml-latest-small": _ml_latest_small,
     "ml-100k": _ml_100k,
+    "ml-latest-small-2018": functools.partial(_downloaded_csv, "ml-latest-small-2018"),
+    "ml-1m": functools.partial(_downloaded_dat, "ml-1m", "latin-1"),
+    "ml-10m": functools.partial(_downloaded_dat, "ml-10m", "utf-8"),
+    "ml-20m": functools.partial(_downloaded_csv, "ml-20m"),
+    "ml-25m": functools.partial(_downloaded_csv, "ml-25m"),
 }
 
 
 def load(data_config, seed: int) -> Dataset:
     """Loads the dataset a ``DataConfig`` names (``path`` overrides ``name``) and splits it.
 
+    Downloadable datasets are fetched into the cache on first use (``jaxcf.data.download``).
+
     Raises:
-      DataError: unknown names, unreadable or invalid files, impossible splits.
+      DataError: unknown names, unreadable or invalid files, impossible splits, failed downloads.
     """
     if data_config.path is not None:
         if data_config.split is not None:
-            raise DataError("data.split names a predefined split of a registry dataset; it cannot be used with data.path")
+            raise DataError(
+                "data.split names a predefined split of a registry dataset; it cannot be used with data.path"
+            )
         ratings = load_csv(
             data_config.path, data_config.user_col, data_config.item_col, data_config.rating_col,
             rating_range=data_config.rating_range,
