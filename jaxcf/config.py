@@ -70,6 +70,9 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 5
     batch_size: int = 64
+    # Stop after this many epochs without a lower valid RMSE, and keep (export) the best epoch's
+    # parameters; 0 turns early stopping off.
+    early_stopping_patience: int = 0
     # Validation runs in chunks of this many ratings; it does not change the result.
     eval_batch_size: int = 65536
 
@@ -83,6 +86,24 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    # Devices along each mesh axis; data * model must equal the number of devices used.
+    # Batches are split over `data`; embedding tables and their optimizer state are row-sharded
+    # over `model`. {data: 1, model: 1} is a single device, exactly the unsharded program.
+    data: int = 1
+    model: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    # Multi-process JAX (jax.distributed.initialize). null values are read from the environment
+    # (JAXCF_COORDINATOR, JAXCF_NUM_PROCESSES, JAXCF_PROCESS_ID); num_processes 1 = single process.
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     seed: int = 42
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -90,6 +111,8 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
 # Allowed values for enumerated keys: small explicit sets, no getattr dispatch.
@@ -214,9 +237,16 @@ def validate(config: Config) -> Config:
     at_least("train.epochs", config.train.epochs, 1)
     at_least("train.batch_size", config.train.batch_size, 1)
     at_least("train.eval_batch_size", config.train.eval_batch_size, 1)
+    at_least("train.early_stopping_patience", config.train.early_stopping_patience, 0)
     at_least("model.n_factors", config.model.n_factors, 1)
     at_least("checkpoint.every_epochs", config.checkpoint.every_epochs, 0)
     at_least("checkpoint.keep", config.checkpoint.keep, 1)
+    at_least("mesh.data", config.mesh.data, 1)
+    at_least("mesh.model", config.mesh.model, 1)
+    if config.distributed.num_processes is not None:
+        at_least("distributed.num_processes", config.distributed.num_processes, 1)
+    if config.distributed.process_id is not None:
+        at_least("distributed.process_id", config.distributed.process_id, 0)
     if not 0 < config.data.valid_fraction < 1:
         raise ConfigError(f"data.valid_fraction: must be in (0, 1); got {config.data.valid_fraction!r}")
     for key, rng in (("model.y_range", config.model.y_range), ("data.rating_range", config.data.rating_range)):

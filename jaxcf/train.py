@@ -189,6 +189,15 @@ class Progress:
     avg_loss: float = 0.0  # the notebook's exponential moving average, not yet debiased
     batch_num: int = 0  # batches seen over all epochs
     history: list = dataclasses.field(default_factory=list)
+    best_epoch: int = 0  # the epoch with the lowest valid RMSE so far (early stopping)
+    best_rmse: float | None = None
+    stopped_early: bool = False
+    # The parameters of best_epoch, kept only when early stopping is on (a device copy: the live
+    # state is donated to the next epoch). Saved in checkpoints beside the state, not in JSON.
+    best_params: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "best_params"}
 
 
 def fit(
@@ -238,6 +247,8 @@ def fit(
         desc="train", unit="epoch", leave=False, file=sys.stderr,
     )
     for epoch in range(progress.epoch, config.train.epochs):
+        if progress.stopped_early:
+            break
         start = time.perf_counter()
         order = (
             jnp.asarray(orders(epoch), jnp.int32) if orders is not None
@@ -268,11 +279,27 @@ def fit(
             "train_seconds": train_seconds,
             "seconds": time.perf_counter() - start,
         }
-        progress = Progress(epoch + 1, avg_loss, batch_num, [*progress.history, record])
+        improved = progress.best_rmse is None or record["valid_rmse"] < progress.best_rmse
+        patience = config.train.early_stopping_patience
+        best_epoch = epoch + 1 if improved else progress.best_epoch
+        progress = Progress(
+            epoch=epoch + 1,
+            avg_loss=avg_loss,
+            batch_num=batch_num,
+            history=[*progress.history, record],
+            best_epoch=best_epoch,
+            best_rmse=record["valid_rmse"] if improved else progress.best_rmse,
+            stopped_early=bool(patience) and epoch + 1 - best_epoch >= patience,
+            best_params=(
+                jax.tree.map(jnp.copy, state.params) if patience and improved else progress.best_params
+            ),
+        )
         bar.update(1)
         bar.set_postfix(valid_rmse=f"{record['valid_rmse']:.4f}")
         if on_epoch is not None:
             on_epoch(state, progress, record)
+        if progress.stopped_early:
+            break
     bar.close()
     return state, progress
 
@@ -309,6 +336,29 @@ def format_row(record: dict) -> str:
 
 
 HEADER = "epoch  train_loss  valid_mse  valid_rmse  seconds"
+
+
+def _checkpoint_tree(state: TrainState, best_params, config: Config) -> dict:
+    """What a checkpoint holds: the training state, and the best parameters under early stopping."""
+    tree = {"train": state}
+    if config.train.early_stopping_patience:
+        tree["best_params"] = best_params if best_params is not None else state.params
+    return tree
+
+
+def restore_checkpoint(workdir: Path, setup: Setup, epoch: int | None = None) -> tuple[TrainState, Progress]:
+    """Loads the training state saved after ``epoch`` (default: the newest) in ``workdir``.
+
+    Raises:
+      WorkdirError: when there is no such checkpoint.
+    """
+    template = init_state(setup)
+    with checkpoint.manager(workdir) as mngr:
+        epoch = mngr.latest_step() if epoch is None else epoch
+        if epoch is None or epoch not in mngr.all_steps():
+            raise WorkdirError(f"no checkpoint for epoch {epoch} in {workdir}")
+        tree, saved = checkpoint.restore(mngr, epoch, _checkpoint_tree(template, template.params, setup.config))
+    return tree["train"], Progress(**saved, best_params=tree.get("best_params"))
 
 
 class Interrupted(Exception):
@@ -415,8 +465,8 @@ def run(
         with checkpoint.manager(workdir, keep=config.checkpoint.keep) as mngr:
             latest = mngr.latest_step() if resume else None
             if latest is not None:
-                state, saved = checkpoint.restore(mngr, latest, state)
-                progress = Progress(saved["epoch"], saved["avg_loss"], saved["batch_num"], saved["history"])
+                tree, saved = checkpoint.restore(mngr, latest, _checkpoint_tree(state, state.params, config))
+                state, progress = tree["train"], Progress(**saved, best_params=tree.get("best_params"))
                 print(f"resumed from epoch {progress.epoch} in {workdir}", file=out)
             elif resume:
                 print(f"no checkpoint yet in {workdir}; starting from the beginning", file=out)
@@ -428,9 +478,10 @@ def run(
                 print(format_row(record), file=out, flush=True)
                 _write_metrics(workdir, progress.history)
                 every = config.checkpoint.every_epochs
-                last = progress.epoch == config.train.epochs
+                last = progress.epoch == config.train.epochs or progress.stopped_early
                 if last or sigint.raised or (every and progress.epoch % every == 0):
-                    checkpoint.save(mngr, progress.epoch, state, dataclasses.asdict(progress))
+                    tree = _checkpoint_tree(state, progress.best_params, config)
+                    checkpoint.save(mngr, progress.epoch, tree, progress.to_json())
                 if sigint.raised and not last:
                     raise Interrupted(progress.epoch, workdir)
 
@@ -443,9 +494,11 @@ def run(
 def export_run(setup: Setup, state: TrainState, progress: Progress, workdir: Path) -> Path:
     ratings = setup.dataset.ratings
     train = setup.train_rows
+    # Under early stopping the export holds the best epoch's parameters, not the last epoch's.
+    params = progress.best_params if progress.best_params is not None else state.params
     return export.export_model(
         workdir,
-        params=jax.device_get(state.params),
+        params=jax.device_get(params),
         user_ids=ratings.user_ids.raw,
         item_ids=ratings.item_ids.raw,
         train_users=ratings.users[train],
@@ -457,6 +510,7 @@ def export_run(setup: Setup, state: TrainState, progress: Progress, workdir: Pat
             "y_range": list(setup.y_range) if setup.y_range else None,
             "num_users": ratings.num_users,
             "num_items": ratings.num_items,
+            "epoch": progress.best_epoch if progress.best_params is not None else progress.epoch,
         },
         data_info={
             "source": ratings.source,

@@ -100,12 +100,12 @@ def test_sigkill_leaves_only_complete_checkpoints_and_resume_is_bitwise(delay, t
     from jaxcf.data import load as load_dataset
 
     setup = train.make_setup(config, load_dataset(config.data, config.seed))
-    template = train.init_state(setup)
     with checkpoint.manager(workdir) as mngr:
-        for step in mngr.all_steps():
-            state, progress = checkpoint.restore(mngr, step, template)
-            assert progress["epoch"] == step and len(progress["history"]) == step
-            assert all(np.isfinite(np.asarray(t)).all() for t in state.params.values())
+        steps = mngr.all_steps()
+    for step in steps:
+        state, progress = train.restore_checkpoint(workdir, setup, step)
+        assert progress.epoch == step and len(progress.history) == step
+        assert all(np.isfinite(np.asarray(t)).all() for t in state.params.values())
     resumed = subprocess.run(
         [sys.executable, "-m", "jaxcf.train", *SMALL, "train.epochs=3", "--workdir", str(workdir), "--resume"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -160,8 +160,7 @@ def test_divergence_names_the_epoch_and_keeps_the_last_good_checkpoint(tmp_path,
     from jaxcf.data import load as load_dataset
 
     setup = train.make_setup(config, load_dataset(config.data, config.seed))
-    with checkpoint.manager(workdir) as mngr:
-        state, _ = checkpoint.restore(mngr, 2, train.init_state(setup))
+    state, _ = train.restore_checkpoint(workdir, setup, 2)
     for name in good:
         np.testing.assert_array_equal(np.asarray(state.params[name]), good[name], err_msg=name)
 

@@ -102,9 +102,9 @@ def test_existing_run_is_refused_without_resume(tmp_path, capsys):
     assert (workdir / "metrics.jsonl").read_bytes() == before
 
 
-def test_resume_refuses_a_changed_config_and_a_missing_checkpoint(tmp_path, capsys):
+def test_resume_refuses_a_changed_config_and_an_empty_workdir(tmp_path, capsys):
     assert _run(tmp_path / "empty", resume=True) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    assert "holds no run to continue" in capsys.readouterr().err
     workdir = tmp_path / "run"
     assert _run(workdir, "train.epochs=1", "model.n_factors=4") == 0
     capsys.readouterr()
@@ -157,3 +157,33 @@ def test_notebook_configs_land_in_the_notebook_band(config, overrides, band, tmp
 def test_jax_config_is_untouched_by_import():
     # Importing the package must not flip process-wide flags (x64 would change every dtype above).
     assert not jax.config.jax_enable_x64
+
+
+def test_early_stopping_keeps_and_exports_the_best_epoch(tmp_path):
+    # lr 1e-2 overfits the biased model within a few epochs, so valid RMSE rises after its best epoch.
+    workdir = tmp_path / "run"
+    overrides = ["optim.learning_rate=1e-2", "train.epochs=12", "train.early_stopping_patience=2", "model.n_factors=16"]
+    assert _run(workdir, *overrides) == 0
+    records = _metrics(workdir)
+    rmses = [r["valid_rmse"] for r in records]
+    best = int(np.argmin(rmses)) + 1
+    assert len(records) == best + 2 < 12, rmses  # stopped two epochs after the best one
+    metadata = json.loads((workdir / "model" / "metadata.json").read_text())
+    assert metadata["model"]["epoch"] == best
+    from jaxcf.data import load as load_dataset
+
+    config = cfg.load(workdir / "config.yaml")
+    setup = train.make_setup(config, load_dataset(config.data, config.seed))
+    _, progress = train.restore_checkpoint(workdir, setup)
+    exported = safetensors.numpy.load_file(workdir / "model" / "weights.safetensors")
+    for name, table in progress.best_params.items():
+        np.testing.assert_array_equal(np.asarray(table), exported[name], err_msg=name)
+    # The exported (best) parameters reproduce the best epoch's valid RMSE.
+    from jaxcf import evaluate
+
+    valid = setup.dataset.split.valid
+    r = setup.dataset.ratings
+    predictions = evaluate.predict_chunked(
+        evaluate.make_predict_fn(setup.y_range), exported, r.users[valid], r.items[valid], 65536
+    )
+    assert evaluate.rmse(predictions, r.ratings[valid]) == pytest.approx(rmses[best - 1], rel=1e-6)
