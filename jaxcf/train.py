@@ -317,10 +317,11 @@ def default_workdir(config_name: str | None) -> Path:
 
 
 def _comparable(config: Config) -> dict:
-    """The parts of a config a resume may not change (epochs and checkpointing may change)."""
+    """The parts of a config a resume may not change (epochs, checkpointing and the devices may)."""
     raw = to_dict(config)
     raw["train"].pop("epochs")
-    raw.pop("checkpoint")
+    for section in ("checkpoint", "mesh", "distributed"):
+        raw.pop(section)
     return raw
 
 
@@ -402,7 +403,7 @@ def _check_workdir(workdir: Path, resume: bool, config: Config) -> None:
         if _comparable(load(workdir / "config.yaml")) != _comparable(config):
             raise WorkdirError(
                 f"--resume: the config differs from the one saved in {workdir / 'config.yaml'} "
-                "(only train.epochs and checkpoint.* may change); pass --config that file"
+                "(only train.epochs, checkpoint.*, mesh.* and distributed.* may change); pass --config that file"
             )
     elif workdir.exists() and _has_run(workdir):
         raise WorkdirError(
