@@ -155,6 +155,9 @@ def read_table(
     convert_options = pacsv.ConvertOptions(include_columns=list(columns), include_missing_columns=False)
     try:
         table = pacsv.read_csv(path, read_options, parse_options, convert_options)
+    except UnicodeDecodeError:
+        # pyarrow decodes header names with Python's codec, outside its own error handling.
+        raise DataError(f"{path}: the header is not valid UTF-8 text; re-encode the file as UTF-8") from None
     except pa.ArrowException as err:
         message = _first_line(err)
         if "include_columns" in message or "No such column" in message:
@@ -162,7 +165,7 @@ def read_table(
                 header_names = pacsv.read_csv(
                     path, read_options, parse_options, pacsv.ConvertOptions()
                 ).column_names
-            except pa.ArrowException:
+            except (pa.ArrowException, UnicodeDecodeError):
                 header_names = []
             missing = [c for c in columns if c not in header_names]
             shown = ", ".join(header_names[:8]) or "(none readable)"
