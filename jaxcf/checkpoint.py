@@ -21,6 +21,10 @@ import orbax.checkpoint as ocp
 CHECKPOINT_DIR = "checkpoints"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be restored; the message is one line meant for the user."""
+
+
 def manager(workdir: str | Path, keep: int = 2) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
     return ocp.CheckpointManager(
@@ -43,8 +47,16 @@ def save(mngr: ocp.CheckpointManager, epoch: int, state: Any, progress: Mapping[
 def restore(mngr: ocp.CheckpointManager, epoch: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores (state, progress) saved after ``epoch``, shaped like ``abstract_state``."""
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-    restored = mngr.restore(
-        epoch,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()),
-    )
-    return restored["state"], dict(restored["progress"])
+    try:
+        restored = mngr.restore(
+            epoch,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()),
+        )
+        progress = dict(restored["progress"])
+    except Exception as err:  # orbax/tensorstore raise many types for damaged or foreign files
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CheckpointError(
+            f"checkpoint {mngr.directory / str(epoch)} cannot be restored ({type(err).__name__}: {first}); "
+            "delete that folder to resume from an earlier checkpoint"
+        ) from None
+    return restored["state"], progress

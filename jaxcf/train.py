@@ -74,15 +74,13 @@ def make_train_step(optimizer, y_range: tuple[float, float] | None) -> Callable:
         return weighted_mse(models.score_rows(rows, y_range), ratings, weights)
 
     if isinstance(optimizer, optim.RowSparse):
+        packed_step = make_packed_sparse_step(optimizer, y_range)
 
         def sparse_step(state, users, items, ratings, weights):
-            rows = models.gather_rows(state.params, users, items)
-            loss, row_grads = jax.value_and_grad(loss_of_rows)(rows, ratings, weights)
-            # Padding entries must not count as touching a row (they would advance its moments).
-            real = weights > 0
-            params, opt_state = optimizer.update(
-                state.params, state.opt_state, row_grads, jnp.where(real, users, -1), jnp.where(real, items, -1)
-            )
+            # One step packs and unpacks the tables; make_train_epoch packs once per epoch instead.
+            packed = optim.pack(optimizer, state.params, state.opt_state)
+            packed, loss = packed_step(packed, users, items, ratings, weights)
+            params, opt_state = optim.unpack(optimizer, packed)
             return TrainState(params, opt_state, state.step + 1), loss
 
         return sparse_step
@@ -98,29 +96,75 @@ def make_train_step(optimizer, y_range: tuple[float, float] | None) -> Callable:
     return dense_step
 
 
+def make_packed_sparse_step(optimizer: optim.RowSparse, y_range: tuple[float, float] | None) -> Callable:
+    """A pure ``(packed, users, items, ratings, weights) -> (packed, loss)`` for a row-sparse optimizer.
+
+    ``packed`` is :class:`jaxcf.optim.Packed`: each id kind's tables and optimizer slots side by side,
+    so the rows gathered for the forward pass are the rows the optimizer updates (one gather and one
+    scatter per id kind and batch).
+    """
+
+    def loss_of_rows(rows, ratings, weights):
+        return weighted_mse(models.score_rows(rows, y_range), ratings, weights)
+
+    def step(packed, users, items, ratings, weights):
+        gathered, rows = optim.gather_params(packed, users, items)
+        loss, row_grads = jax.value_and_grad(loss_of_rows)(rows, ratings, weights)
+        # Padding entries must not count as touching a row (they would advance its moments).
+        real = weights > 0
+        packed = optim.sparse_step(
+            optimizer, packed, row_grads, jnp.where(real, users, -1), jnp.where(real, items, -1), gathered
+        )
+        return packed, loss
+
+    return step
+
+
 def num_batches(num_ratings: int, batch_size: int) -> int:
     return -(-num_ratings // batch_size)
+
+
+def epoch_batches(users, items, ratings, order, batch_size: int) -> tuple[jax.Array, ...]:
+    """The epoch's batches as ``[num_batches, batch_size]`` arrays (users, items, ratings, weights).
+
+    The last partial batch is padded with weight-0 entries that point at a real row (so gathers
+    stay in range) and contribute nothing to the loss or its gradient.
+    """
+    n = order.shape[0]
+    batches = num_batches(n, batch_size)
+    pad = batches * batch_size - n
+    index = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
+    weights = jnp.concatenate([jnp.ones((n,), ratings.dtype), jnp.zeros((pad,), ratings.dtype)])
+    return (
+        jnp.take(users, index).reshape(batches, batch_size),
+        jnp.take(items, index).reshape(batches, batch_size),
+        jnp.take(ratings, index).reshape(batches, batch_size),
+        weights.reshape(batches, batch_size),
+    )
 
 
 def make_train_epoch(optimizer, y_range, batch_size: int) -> Callable:
     """A jitted ``(state, users, items, ratings, order) -> (state, float32[num_batches] losses)``.
 
     ``order`` is int32[n]: the epoch's permutation of the training rows. The state is donated.
+    A row-sparse optimizer trains on packed tables (packed once before the scan, unpacked after).
     """
+    if isinstance(optimizer, optim.RowSparse):
+        packed_step = make_packed_sparse_step(optimizer, y_range)
+
+        def sparse_epoch(state, users, items, ratings, order):
+            xs = epoch_batches(users, items, ratings, order, batch_size)
+            packed = optim.pack(optimizer, state.params, state.opt_state)
+            packed, losses = jax.lax.scan(lambda packed, batch: packed_step(packed, *batch), packed, xs)
+            params, opt_state = optim.unpack(optimizer, packed)
+            return TrainState(params, opt_state, state.step + xs[0].shape[0]), losses
+
+        return jax.jit(sparse_epoch, donate_argnums=(0,))
+
     step = make_train_step(optimizer, y_range)
 
     def epoch(state, users, items, ratings, order):
-        n = order.shape[0]
-        batches = num_batches(n, batch_size)
-        pad = batches * batch_size - n
-        index = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
-        weights = jnp.concatenate([jnp.ones((n,), ratings.dtype), jnp.zeros((pad,), ratings.dtype)])
-        xs = (
-            jnp.take(users, index).reshape(batches, batch_size),
-            jnp.take(items, index).reshape(batches, batch_size),
-            jnp.take(ratings, index).reshape(batches, batch_size),
-            weights.reshape(batches, batch_size),
-        )
+        xs = epoch_batches(users, items, ratings, order, batch_size)
 
         def body(state, batch):
             return step(state, *batch)
@@ -550,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load(config_name, args.set)
         workdir = args.workdir or default_workdir(config_name)
         progress = run(config, workdir, resume=args.resume, quiet=args.quiet)
-    except (ConfigError, DataError, WorkdirError) as err:
+    except (ConfigError, DataError, WorkdirError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
