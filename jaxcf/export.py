@@ -3,10 +3,10 @@ reading it back with every file verified.
 
 Files: ``weights.safetensors`` (the tables, names as in ``jaxcf.models``), ``ids.json`` (raw ids of
 every row, in index order), ``seen.safetensors`` (the training pairs, for "exclude seen" in
-recommendations; with their ratings when the trainer passes them), ``items.json`` (titles, when
-known) and ``metadata.json`` (config, versions, data checksum, metrics and the sha256 of every other
-file). :func:`read_export` checks each listed file against its sha256 before parsing it. No pickles
-anywhere: JSON and safetensors only.
+recommendations and for the fallback), ``items.json`` (titles, when known) and ``metadata.json``
+(config, versions, data checksum, metrics and the sha256 of every other file). :func:`read_export`
+checks each listed file against its sha256 before parsing it. No pickles anywhere: JSON and
+safetensors only.
 
 What does not live here: resumable training checkpoints (``jaxcf.checkpoint``), using a loaded
 model (``jaxcf.recommend``).
@@ -47,7 +47,6 @@ def export_model(
     data_info: Mapping[str, Any],
     metrics: list[Mapping[str, Any]],
     titles: Mapping | None = None,
-    train_ratings: np.ndarray | None = None,
 ) -> Path:
     """Writes the portable model into ``WORKDIR/model`` (each file atomically; metadata last).
 
@@ -55,8 +54,6 @@ def export_model(
       params: the tables of ``jaxcf.models`` (float32[num_users, F], ...).
       user_ids, item_ids: raw ids of every row, in index order ([num_users], [num_items]).
       train_users, train_items: int32[n_train] indices of the training pairs.
-      train_ratings: float32[n_train] their ratings; when given they are stored next to the pairs and
-        their mean becomes ``metadata["data"]["train_rating_mean"]`` (the dot model's fallback).
       titles: raw item id -> title, when known.
 
     Returns:
@@ -68,11 +65,6 @@ def export_model(
     out.mkdir(parents=True, exist_ok=True)
     weights = {name: np.ascontiguousarray(np.asarray(table, dtype=np.float32)) for name, table in params.items()}
     seen = {"users": np.asarray(train_users, np.int32), "items": np.asarray(train_items, np.int32)}
-    data_info = dict(data_info)
-    if train_ratings is not None:
-        seen["ratings"] = np.asarray(train_ratings, np.float32)
-        # float64 accumulation: a float32 running sum drifts over millions of ratings.
-        data_info["train_rating_mean"] = float(np.mean(seen["ratings"], dtype=np.float64))
     files = {
         "weights.safetensors": safetensors.numpy.save(
             weights, metadata={"format": "jaxcf", "kind": model_info["kind"]}
@@ -90,7 +82,7 @@ def export_model(
         "format_version": FORMAT_VERSION,
         "jaxcf_version": __version__,
         "model": dict(model_info),
-        "data": data_info,
+        "data": dict(data_info),
         "config": dict(config),
         "metrics": list(metrics),
         "files": {name: hashlib.sha256(payload).hexdigest() for name, payload in files.items()},
@@ -124,7 +116,6 @@ class Export:
         model, ``user_bias`` float32[U, 1], ``item_bias`` float32[I, 1].
       user_ids, item_ids: raw ids [U], [I] (int64 or str), in index order.
       seen_users, seen_items: int32[n_train] indices of the training pairs.
-      seen_ratings: float32[n_train] their ratings, or None when the export does not hold them.
       titles: list of (raw item id, title) pairs, or None.
     """
 
@@ -135,7 +126,6 @@ class Export:
     item_ids: np.ndarray
     seen_users: np.ndarray
     seen_items: np.ndarray
-    seen_ratings: np.ndarray | None
     titles: list | None
 
 
@@ -274,7 +264,6 @@ def read_export(path: str | Path) -> Export:
         seen_users.min() < 0 or seen_users.max() >= num_users or seen_items.min() < 0 or seen_items.max() >= num_items
     ):
         raise bad("seen.safetensors holds indices outside the id tables")
-    seen_ratings = seen.get("ratings")
     titles = None
     if "items.json" in payloads:
         try:
@@ -289,6 +278,5 @@ def read_export(path: str | Path) -> Export:
         item_ids=item_ids,
         seen_users=seen_users,
         seen_items=seen_items,
-        seen_ratings=None if seen_ratings is None else np.asarray(seen_ratings, np.float32),
         titles=titles,
     )

@@ -146,21 +146,40 @@ def test_chunked_prediction_equals_one_chunk(model, monkeypatch):
     np.testing.assert_array_equal(model.predict(users, items).ratings, whole)
 
 
-def test_unknown_ids_fall_back_to_the_known_biases(model, files):
-    w = files["weights"]
-    low, high = files["y_range"]
-    item_row, user_row = files["item_index"][31], files["user_index"][1]
+def mean_training_prediction(files, user=None, item=None):
+    """The documented fallback, computed from the files: the mean prediction over the training
+    pairs of the given user, of the given item, or of all of them."""
+    users, items = files["seen_users"], files["seen_items"]
+    keep = np.ones(len(users), bool)
+    if user is not None:
+        keep &= users == files["user_index"][user]
+    if item is not None:
+        keep &= items == files["item_index"][item]
+    assert keep.any()
+    return direct_bias_prediction(files, users[keep], items[keep]).mean()
+
+
+def test_unknown_ids_fall_back_to_the_mean_prediction_of_the_known_side(model, files):
     result = model.predict([999_999, 1, 999_999, 1], [31, 888_888, 888_888, 31])
     expected = [
-        sigmoid(w["item_bias"][item_row, 0]) * (high - low) + low,  # unknown user
-        sigmoid(w["user_bias"][user_row, 0]) * (high - low) + low,  # unknown item
-        (low + high) / 2,  # both unknown: sigmoid(0)
-        direct_bias_prediction(files, [user_row], [item_row])[0],
+        mean_training_prediction(files, item=31),  # unknown user: item 31's training pairs
+        mean_training_prediction(files, user=1),  # unknown item: user 1's training pairs
+        mean_training_prediction(files),  # both unknown: all training pairs
+        direct_bias_prediction(files, [files["user_index"][1]], [files["item_index"][31]])[0],
     ]
     np.testing.assert_allclose(result.ratings, expected, rtol=0, atol=2e-6)
     np.testing.assert_array_equal(result.fallback, [True, True, True, False])
     np.testing.assert_array_equal(result.user_known, [False, True, False, True])
     np.testing.assert_array_equal(result.item_known, [True, False, False, True])
+
+
+def test_known_item_without_training_ratings_gets_the_overall_mean(model, files):
+    counts = np.bincount(files["seen_items"], minlength=len(files["items"]))
+    validation_only = files["items"][int(np.argmax(counts == 0))]
+    assert counts[files["item_index"][validation_only]] == 0
+    result = model.predict(999_999, validation_only)
+    assert result.fallback.tolist() == [True]
+    assert result.ratings[0] == pytest.approx(mean_training_prediction(files), abs=2e-6)
 
 
 def test_strict_raises_for_unknown_ids(model):
@@ -222,8 +241,10 @@ def test_unknown_user_gets_the_flagged_cold_start(model, files):
     item_bias = files["weights"]["item_bias"][:, 0]
     best = np.argsort(-item_bias, kind="stable")[:5]
     assert ranking.ids.tolist() == [files["items"][i] for i in best]
-    low, high = files["y_range"]
-    np.testing.assert_allclose(ranking.scores, sigmoid(item_bias[best]) * (high - low) + low, rtol=0, atol=2e-6)
+    expected = [mean_training_prediction(files, item=files["items"][i]) for i in best]
+    np.testing.assert_allclose(ranking.scores, expected, rtol=0, atol=2e-6)
+    # The scores are what predict() answers for an unknown user.
+    np.testing.assert_array_equal(ranking.scores, model.predict(999_999, ranking.ids).ratings)
     with pytest.raises(UnknownIdError):
         model.recommend(999_999, strict=True)
 
@@ -268,11 +289,11 @@ def test_bias_rankings_and_embeddings(model, files):
 # ------------------------------------------------------------------------------ the dot model
 
 
-def _dot_export(tmp_path, train_ratings):
+def _dot_export(tmp_path):
     """A tiny hand-made dot-model export with string item ids."""
     rng = np.random.default_rng(3)
     params = {"user_embedding": rng.normal(size=(3, 4)), "item_embedding": rng.normal(size=(5, 4))}
-    return export.export_model(
+    folder = export.export_model(
         tmp_path,
         params=params,
         user_ids=np.array([10, 20, 30]),
@@ -284,32 +305,36 @@ def _dot_export(tmp_path, train_ratings):
         data_info={"source": "hand-made"},
         metrics=[],
         titles={"a": "A (2001)", "b": "B (2002)"},
-        train_ratings=train_ratings,
-    ), params
+    )
+    return folder, params
 
 
-def test_dot_model_falls_back_to_the_mean_training_rating(tmp_path):
-    folder, params = _dot_export(tmp_path, np.array([1.0, 2.0, 3.0, 4.0, 5.0, 3.0]))
+def test_dot_model_predictions_and_fallbacks(tmp_path):
+    folder, params = _dot_export(tmp_path)
     model = load_model(folder)
-    result = model.predict(["10", 99, 20], ["b", "b", "zz"])
-    expected_known = float(params["user_embedding"][0] @ params["item_embedding"][1])
-    np.testing.assert_allclose(result.ratings, [expected_known, 3.0, 3.0], rtol=1e-6)
-    assert result.fallback.tolist() == [False, True, True]
-    # Cold start: the most-rated items (b: 3 ratings, then a, c, d: 1 each), all at the mean.
-    cold = model.recommend(99, k=2)
-    assert cold.fallback and cold.ids.tolist() == ["b", "a"] and cold.titles == ["B (2002)", "A (2001)"]
-    np.testing.assert_allclose(cold.scores, [3.0, 3.0])
+    user, item = params["user_embedding"], params["item_embedding"]
+    pairs = [(0, 0), (0, 1), (1, 1), (2, 1), (2, 2), (2, 3)]
+    result = model.predict(["10", 99, 20, 99, 30], ["b", "b", "zz", "zz", "e"])
+    expected = [
+        user[0] @ item[1],
+        np.mean([user[u] @ item[1] for u in (0, 1, 2)]),  # unknown user: b's raters
+        np.mean([user[1] @ item[1]]),  # unknown item: user 20's pairs
+        np.mean([user[u] @ item[i] for u, i in pairs]),  # both unknown
+        user[2] @ item[4],  # e has no training rating, but both ids are known
+    ]
+    np.testing.assert_allclose(result.ratings, expected, rtol=1e-5)
+    assert result.fallback.tolist() == [False, True, True, True, False]
     with pytest.raises(ModelError, match="bias model"):
         model.bias_ranking()
 
 
-def test_dot_model_without_stored_ratings_uses_the_mean_prediction(tmp_path):
-    folder, params = _dot_export(tmp_path, None)
+def test_dot_model_cold_start_is_by_popularity_and_seen_items_are_excluded(tmp_path):
+    folder, params = _dot_export(tmp_path)
     model = load_model(folder)
-    pairs = [(0, 0), (0, 1), (1, 1), (2, 1), (2, 2), (2, 3)]
-    mean = np.mean([params["user_embedding"][u] @ params["item_embedding"][i] for u, i in pairs])
-    assert model.predict(99, "a").ratings[0] == pytest.approx(mean, rel=1e-5)
-    assert "mean prediction" in model.fallback_rule(False, True)
+    # b has 3 training ratings, then a, c, d have 1 each (ties keep index order).
+    cold = model.recommend(99, k=2)
+    assert cold.fallback and cold.ids.tolist() == ["b", "a"] and cold.titles == ["B (2002)", "A (2001)"]
+    np.testing.assert_array_equal(cold.scores, model.predict(99, ["b", "a"]).ratings)
     # User 30 rated b, c, d: only a and e remain.
     assert sorted(model.recommend(30, k=10).ids.tolist()) == ["a", "e"]
 
@@ -323,7 +348,9 @@ def test_predict_cli(workdir, files, capsys):
     expected = direct_bias_prediction(files, [files["user_index"][1]], [files["item_index"][31]])[0]
     assert f"predicted rating {expected:.4f}" in out and "Dangerous Minds (1995)" in out and "fallback" not in out
     assert predict.main(["--model", str(workdir), "--user", "999999", "--item", "31"]) == 0
-    assert "fallback: unknown user; sigmoid(item bias)" in capsys.readouterr().out
+    expected = mean_training_prediction(files, item=31)
+    out = capsys.readouterr().out
+    assert f"predicted rating {expected:.4f} (fallback: unknown user; mean prediction over the item's" in out
 
 
 def test_recommend_cli_prints_ranked_titles(workdir, model, capsys):

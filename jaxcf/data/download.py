@@ -100,10 +100,7 @@ def download(archive: Archive, target: Path, *, progress: bool | None = None) ->
     from tqdm.auto import tqdm
 
     url = f"{base_url()}/{archive.filename}"
-    manual = (
-        f"download {url} elsewhere and put it at {target} (it is verified before use), "
-        "or set JAXCF_DATA_URL to a mirror"
-    )
+    manual = f"fetch it elsewhere and put it at {target} (it is verified before use), or set JAXCF_DATA_URL to a mirror"
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     tmp = Path(tmp_name)
