@@ -1,30 +1,55 @@
-"""Optimizer construction: dense optax transforms and a row-sparse ``lazy_adam``.
+"""Optimizer construction: dense optax transforms, and row-sparse optimizers for large tables.
+
+Dense (every row of every table is read and written at every step):
 
 ``adam``       coupled L2, exactly ``torch.optim.Adam(weight_decay=wd)`` (the notebook's optimizer):
                ``wd * param`` is added to the gradient *before* the Adam moments, so every row of
                every table decays and carries momentum at every step.
 ``adamw``      decoupled decay, exactly ``torch.optim.AdamW``: ``param -= lr * wd * param`` beside
                the Adam step. With ``weight_decay=0`` it is the same optimizer as ``adam``.
-``lazy_adam``  row-sparse Adam (TensorFlow's LazyAdam, torch's SparseAdam): only the rows a batch
-               touches are read and written. Gradients for ids repeated within a batch are summed
-               first; moments and the bias-correction step count are kept per row; decoupled weight
-               decay applies to touched rows only. It is *not* the notebook's optimizer: rows that
-               a batch does not touch keep their momentum frozen instead of coasting on it.
 
-What does not live here: the train step that calls these (``jaxcf.train``).
+Row-sparse (only the rows that a batch touches are read and written; cost grows with the batch, not
+with the tables). These are *different optimizers* from the notebook's, not faster versions of it:
+
+``lazy_adam``  Adam on the touched rows only. Gradients of an id repeated within a batch are summed
+               first; the moments *and the bias-correction step count* are kept per row (a row's
+               ``t`` is how many batches have touched it). Decoupled weight decay
+               (``param -= lr * wd * param``) applies to touched rows only. Rows that a batch does
+               not touch keep their moments frozen instead of coasting on them. TensorFlow's
+               LazyAdam and ``torch.optim.SparseAdam`` also update touched rows only, but count
+               steps per *table* for the bias correction, and SparseAdam has no weight decay.
+``sgd``        plain row-sparse SGD: ``param -= lr * (grad + wd * param)`` on the touched rows, with
+               repeated ids summed first; no state.
+
+How the row-sparse step works (see :func:`sparse_update`): the tables of one id kind (the user
+embedding and user bias; the item embedding and item bias) are packed side by side with their
+optimizer slots into one ``float32[rows, slots, width]`` array, so a batch costs one gather and one
+scatter per id kind. Duplicate ids are found without sorting (``jnp.unique`` sorts): every position
+scatters its own index into an ``int32[rows]`` scratch table, reads back which position "owns" its
+id, and the gradients are summed onto the owner with a ``segment_sum`` over the batch. Only owners
+write their row back.
+
+What does not live here: the train step and epoch that call these (``jaxcf.train``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxcf.config import OptimConfig
-from jaxcf.models import USER_TABLES
+from jaxcf.models import ITEM_TABLES, USER_TABLES
+
+Params = dict[str, jax.Array]
+
+# Packing order of the tables of each id kind; ``users``/``items`` index the groups' rows.
+GROUPS: dict[str, tuple[str, ...]] = {"user": USER_TABLES, "item": ITEM_TABLES}
 
 
 def dense(config: OptimConfig) -> optax.GradientTransformation:
@@ -42,87 +67,276 @@ def dense(config: OptimConfig) -> optax.GradientTransformation:
     raise ValueError(f"{config.name!r} is not a dense optimizer; allowed: adam, adamw")
 
 
+# ------------------------------------------------------------------------------ row-sparse
+
+
 class LazyAdamTableState(NamedTuple):
+    """Per-table state of ``lazy_adam`` (what checkpoints hold)."""
+
     mu: jax.Array  # float32[rows, d] first moment
     nu: jax.Array  # float32[rows, d] second moment
-    count: jax.Array  # int32[rows] how many updates each row has received
+    count: jax.Array  # int32[rows] how many batches have touched each row
+
+
+class PackedGroup(NamedTuple):
+    """The tables of one id kind packed for the row-sparse step.
+
+    ``slots[0]`` holds the parameters (the group's tables side by side, in ``GROUPS`` order) and
+    ``slots[1:]`` the optimizer's per-element state (Adam's moments); ``count`` is the per-row step
+    count, or None for optimizers without one.
+    """
+
+    slots: tuple[jax.Array, ...]  # each float32[num_rows, width]
+    count: jax.Array | None  # int32[num_rows]
 
 
 class RowSparse(NamedTuple):
-    """A row-sparse optimizer: ``init(params)`` and ``update(params, state, row_grads, users, items)``.
+    """A row-sparse optimizer.
 
-    ``row_grads[name]`` is float32[batch, d], the gradient with respect to the gathered rows; an id
-    of ``-1`` marks a padding entry that must not touch any row.
+    Attributes:
+      init: ``params -> state``, a dict of per-table states (an empty dict for ``sgd``).
+      slots: float32 vectors per row besides the parameter (2 for Adam's moments, 0 for SGD).
+      counted: whether the optimizer keeps a per-row step count.
+      update_rows: ``(rows, count int32[b] | None, grads float32[b, w]) -> (rows, count)`` where
+        ``rows`` is a tuple of ``1 + slots`` float32[b, w] (parameters, then state): the new values
+        of the rows touched in a batch, from their old values and their summed gradients.
+      to_slots: ``(state, names) -> list`` of per-slot lists of per-table arrays (pack order).
+      from_slots: ``(slot_tables, count_per_table) -> state`` inverse of ``to_slots`` for one
+        table: gets ``{name: ([slot arrays], count)}`` and returns the state dict.
     """
 
-    init: Callable
-    update: Callable
+    init: Callable[[Mapping[str, jax.Array]], Any]
+    slots: int
+    counted: bool
+    update_rows: Callable
+    to_slots: Callable
+    from_slots: Callable
+
+    def update(
+        self, params: Params, state: Any, row_grads: Mapping[str, jax.Array], users: jax.Array, items: jax.Array
+    ) -> tuple[Params, Any]:
+        """One step on unpacked tables (packs, updates, unpacks; the epoch keeps them packed instead).
+
+        Args:
+          params: the tables.
+          state: from ``init``.
+          row_grads: ``name -> float32[b, d]``: gradients with respect to the gathered rows.
+          users, items: int32[b] row ids; a negative id marks a padding entry that touches nothing.
+
+        Returns:
+          (new params, new state).
+        """
+        return unpack(self, sparse_step(self, pack(self, params, state), row_grads, users, items))
 
 
-def sum_duplicate_rows(ids: jax.Array, grads: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
-    """Sums gradients of ids repeated within a batch.
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["groups"], meta_fields=["names", "widths"])
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """Row-sparse training state (a pytree): one :class:`PackedGroup` per id kind, and how to unpack it."""
+
+    groups: dict[str, PackedGroup]
+    names: tuple[str, ...]  # the tables present, in pack order (static)
+    widths: tuple[int, ...]  # columns of each table in ``names`` (static)
+
+    def tables(self, group: str) -> list[str]:
+        return [n for n in GROUPS[group] if n in self.names]
+
+
+def pack(optimizer: RowSparse, params: Mapping[str, jax.Array], state: Any) -> Packed:
+    """Packs tables and optimizer state per id kind (one copy of everything; do it once per epoch)."""
+    groups, names, widths = {}, [], []
+    for group, tables in GROUPS.items():
+        present = [n for n in tables if n in params]
+        if not present:
+            continue
+        names += present
+        widths += [params[n].shape[1] for n in present]
+        slot_tables, counts = optimizer.to_slots(state, present)
+        columns = [jnp.concatenate([params[n] for n in present], axis=1)]
+        columns += [jnp.concatenate(tables_of_slot, axis=1) for tables_of_slot in slot_tables]
+        # Tables of one id kind share their count: a row of each is touched by the same batches.
+        groups[group] = PackedGroup(tuple(columns), counts[0] if optimizer.counted else None)
+    return Packed(groups, tuple(names), tuple(widths))
+
+
+def unpack(optimizer: RowSparse, packed: Packed) -> tuple[Params, Any]:
+    """Inverse of :func:`pack`: ``(params, state)`` with one table per name."""
+    width_of = dict(zip(packed.names, packed.widths))
+    params, per_table = {}, {}
+    for group, packed_group in packed.groups.items():
+        start = 0
+        for name in packed.tables(group):
+            blocks = [slot[:, start : start + width_of[name]] for slot in packed_group.slots]
+            start += width_of[name]
+            params[name] = blocks[0]
+            per_table[name] = (blocks[1:], packed_group.count)
+    return params, optimizer.from_slots(per_table)
+
+
+def gather_params(packed: Packed, users: jax.Array, items: jax.Array) -> tuple[dict[str, jax.Array], Params]:
+    """Gathers the batch's packed rows, and their parameters split per table.
 
     Args:
-      ids: int32[batch] row ids; negative ids are padding.
-      grads: float32[batch, d].
-      num_rows: table size; used as the fill id for unused slots.
+      users, items: int32[b] in range (padding entries must hold a valid id; their weight is 0).
 
     Returns:
-      (unique_ids int32[batch], filled with ``num_rows`` past the distinct ids,
-       summed float32[batch, d], zero in unused slots).
+      (``group -> float32[b, width]`` gathered parameter rows of each group, ``name -> float32[b, d]``
+       the same rows split per table).
     """
-    ids = jnp.where(ids < 0, num_rows, ids)
-    unique_ids, inverse = jnp.unique(ids, size=ids.shape[0], fill_value=num_rows, return_inverse=True)
-    summed = jax.ops.segment_sum(grads, inverse.reshape(-1), num_segments=ids.shape[0])
-    return unique_ids, summed
+    ids = {"user": users, "item": items}
+    width_of = dict(zip(packed.names, packed.widths))
+    gathered, rows = {}, {}
+    for group, packed_group in packed.groups.items():
+        gathered[group] = packed_group.slots[0].at[ids[group]].get(mode="promise_in_bounds")
+        start = 0
+        for name in packed.tables(group):
+            rows[name] = gathered[group][:, start : start + width_of[name]]
+            start += width_of[name]
+    return gathered, rows
+
+
+def owners(ids: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+    """For each batch position, the position that owns its id; without sorting.
+
+    Args:
+      ids: int32[b] row ids; negative ids are padding.
+      num_rows: table size.
+
+    Returns:
+      (owner int32[b]: the position whose slot collects the gradients of ``ids[j]`` (a padding
+       position owns itself), is_owner bool[b]: true at exactly one position per distinct real id).
+    """
+    b = ids.shape[0]
+    position = jnp.arange(b, dtype=jnp.int32)
+    real = ids >= 0
+    safe = jnp.where(real, ids, num_rows)
+    # With repeated ids one of the writes wins (which one does not matter: every position reads
+    # back the same winner). Stale entries of the scratch table are never read.
+    scratch = jnp.zeros((num_rows,), jnp.int32).at[safe].set(position, mode="drop")
+    owner = jnp.where(real, scratch.at[safe].get(mode="fill", fill_value=0), position)
+    return owner, real & (owner == position)
+
+
+def sparse_update(
+    optimizer: RowSparse,
+    group: PackedGroup,
+    ids: jax.Array,
+    grads: jax.Array,
+    gathered: jax.Array | None = None,
+) -> PackedGroup:
+    """Applies one row-sparse step to a packed group.
+
+    Args:
+      optimizer: a :class:`RowSparse`.
+      group: the packed tables of one id kind.
+      ids: int32[b] row ids; negative ids are padding and touch no row.
+      grads: float32[b, width] gradients with respect to the gathered parameter rows.
+      gathered: float32[b, width] = ``group.slots[0][ids]`` when the caller already has it (the
+        train step gathered the parameter rows for the forward pass); padding entries may hold any row.
+
+    Returns:
+      The updated group.
+    """
+    num_rows = group.slots[0].shape[0]
+    owner, is_owner = owners(ids, num_rows)
+    summed = jax.ops.segment_sum(grads, owner, num_segments=ids.shape[0])
+    safe = jnp.maximum(ids, 0)
+    if gathered is None:
+        gathered = group.slots[0].at[safe].get(mode="promise_in_bounds")
+    rows = (gathered, *(slot.at[safe].get(mode="promise_in_bounds") for slot in group.slots[1:]))
+    count = None if group.count is None else group.count.at[safe].get(mode="promise_in_bounds")
+    new_rows, new_count = optimizer.update_rows(rows, count, summed)
+    # Only owners write; every other position goes to an out-of-range row and is dropped.
+    target = jnp.where(is_owner, ids, num_rows)
+    slots = tuple(
+        slot.at[target].set(new, mode="drop", unique_indices=True) for slot, new in zip(group.slots, new_rows)
+    )
+    if count is not None:
+        count = group.count.at[target].set(new_count, mode="drop", unique_indices=True)
+    return PackedGroup(slots, count)
+
+
+def sparse_step(
+    optimizer: RowSparse,
+    packed: Packed,
+    row_grads: Mapping[str, jax.Array],
+    users: jax.Array,
+    items: jax.Array,
+    gathered: Mapping[str, jax.Array] | None = None,
+) -> Packed:
+    """One row-sparse step on every group of ``packed``.
+
+    Args:
+      row_grads: ``name -> float32[b, d]`` gradients with respect to the gathered parameter rows.
+      users, items: int32[b] row ids; negative ids are padding.
+      gathered: the first result of :func:`gather_params` for these ids, to avoid gathering twice.
+    """
+    ids = {"user": users, "item": items}
+    groups = {}
+    for group, packed_group in packed.groups.items():
+        grads = jnp.concatenate([row_grads[n] for n in packed.tables(group)], axis=1)
+        groups[group] = sparse_update(
+            optimizer, packed_group, ids[group], grads, None if gathered is None else gathered[group]
+        )
+    return Packed(groups, packed.names, packed.widths)
 
 
 def lazy_adam(config: OptimConfig) -> RowSparse:
+    """Row-sparse Adam with per-row moments and step counts, decoupled decay on touched rows."""
     lr, b1, b2, eps, wd = config.learning_rate, config.b1, config.b2, config.eps, config.weight_decay
 
     def init(params: Mapping[str, jax.Array]) -> dict[str, LazyAdamTableState]:
         return {
-            name: LazyAdamTableState(
-                jnp.zeros_like(table), jnp.zeros_like(table), jnp.zeros(table.shape[0], jnp.int32)
-            )
+            name: LazyAdamTableState(jnp.zeros_like(table), jnp.zeros_like(table), jnp.zeros(table.shape[0], jnp.int32))
             for name, table in params.items()
         }
 
-    def update_table(table, state: LazyAdamTableState, ids, grads):
-        num_rows = table.shape[0]
-        rows, g = sum_duplicate_rows(ids, grads, num_rows)
-        # Slots past the distinct ids hold num_rows: out of bounds, so reads fill and writes drop.
-        p = table.at[rows].get(mode="fill", fill_value=0)
-        mu = b1 * state.mu.at[rows].get(mode="fill", fill_value=0) + (1 - b1) * g
-        nu = b2 * state.nu.at[rows].get(mode="fill", fill_value=0) + (1 - b2) * g * g
-        count = state.count.at[rows].get(mode="fill", fill_value=0) + 1
-        t = count.astype(table.dtype)[:, None]
-        mu_hat = mu / (1 - b1**t)
-        nu_hat = nu / (1 - b2**t)
-        new_p = p - lr * (mu_hat / (jnp.sqrt(nu_hat) + eps) + wd * p)
-        return (
-            table.at[rows].set(new_p, mode="drop"),
-            LazyAdamTableState(
-                state.mu.at[rows].set(mu, mode="drop"),
-                state.nu.at[rows].set(nu, mode="drop"),
-                state.count.at[rows].set(count, mode="drop"),
-            ),
-        )
+    def update_rows(rows, count, grads):
+        param, mu, nu = rows
+        count = count + 1
+        t = count.astype(param.dtype)[:, None]
+        mu = b1 * mu + (1 - b1) * grads
+        nu = b2 * nu + (1 - b2) * grads * grads
+        step = (mu / (1 - b1**t)) / (jnp.sqrt(nu / (1 - b2**t)) + eps)
+        param = param - lr * (step + wd * param)
+        return (param, mu, nu), count
 
-    def update(params, state, row_grads, users, items):
-        new_params, new_state = {}, {}
-        for name, table in params.items():
-            ids = users if name in USER_TABLES else items
-            new_params[name], new_state[name] = update_table(table, state[name], ids, row_grads[name])
-        return new_params, new_state
+    def to_slots(state, names):
+        return [[state[n].mu for n in names], [state[n].nu for n in names]], [state[n].count for n in names]
 
-    return RowSparse(init, update)
+    def from_slots(per_table):
+        return {name: LazyAdamTableState(slots[0], slots[1], count) for name, (slots, count) in per_table.items()}
+
+    return RowSparse(init, 2, True, update_rows, to_slots, from_slots)
+
+
+def sgd(config: OptimConfig) -> RowSparse:
+    """Row-sparse SGD: ``param -= lr * (summed grad + wd * param)`` on touched rows; no state."""
+    lr, wd = config.learning_rate, config.weight_decay
+
+    def update_rows(rows, count, grads):
+        (param,) = rows
+        return (param - lr * (grads + wd * param),), count
+
+    return RowSparse(
+        init=lambda params: {},
+        slots=0,
+        counted=False,
+        update_rows=update_rows,
+        to_slots=lambda state, names: ([], [None for _ in names]),
+        from_slots=lambda per_table: {},
+    )
+
+
+# Small explicit table, no name-based dispatch.
+DENSE = ("adam", "adamw")
+ROW_SPARSE: dict[str, Callable[[OptimConfig], RowSparse]] = {"lazy_adam": lazy_adam, "sgd": sgd}
 
 
 def build(config: OptimConfig) -> optax.GradientTransformation | RowSparse:
-    """The optimizer for ``config.name``; a small explicit table, no name-based dispatch."""
-    if config.name in ("adam", "adamw"):
+    """The optimizer for ``config.name``."""
+    if config.name in DENSE:
         return dense(config)
-    if config.name == "lazy_adam":
-        return lazy_adam(config)
-    raise ValueError(f"unknown optimizer {config.name!r}; allowed: adam, adamw, lazy_adam")
+    if config.name in ROW_SPARSE:
+        return ROW_SPARSE[config.name](config)
+    raise ValueError(f"unknown optimizer {config.name!r}; allowed: {', '.join((*DENSE, *ROW_SPARSE))}")
