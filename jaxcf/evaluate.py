@@ -74,7 +74,9 @@ def batch_mean_mse(predictions: np.ndarray, targets: np.ndarray, batch_size: int
     return float(np.mean(means))
 
 
-def debiased_ema(avg_loss: float, batch_num: int, losses: np.ndarray, momentum: float = 0.98) -> tuple[float, int, float]:
+def debiased_ema(
+    avg_loss: float, batch_num: int, losses: np.ndarray, momentum: float = 0.98
+) -> tuple[float, int, float]:
     """The notebook's smoothed training loss, continued over one epoch's batch losses.
 
     ``avg = avg * m + loss * (1 - m)`` per batch, debiased by ``1 - m ** batch_num``; the running

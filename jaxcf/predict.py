@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from jaxcf.export import ModelError
-from jaxcf.recommend import load_model
+from jaxcf.recommend import FALLBACKS, load_model
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -24,6 +24,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--user", required=True, help="raw user id (as in the ratings file)")
     parser.add_argument("--item", required=True, help="raw item id (as in the ratings file)")
     parser.add_argument("--strict", action="store_true", help="fail for an unknown id instead of falling back")
+    parser.add_argument(
+        "--fallback", choices=FALLBACKS, default="mean",
+        help="rule for unknown ids: mean (default) or known_terms (Surprise's literal rule)",
+    )
     return parser.parse_args(argv)
 
 
@@ -31,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         model = load_model(args.model)
-        result = model.predict([args.user], [args.item], strict=args.strict)
+        result = model.predict([args.user], [args.item], strict=args.strict, fallback=args.fallback)
     except ModelError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -44,7 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         unknown = " and ".join(
             what for what, known in (("user", user_known), ("item", item_known)) if not known
         )
-        line += f" (fallback: unknown {unknown}; {model.fallback_rule(user_known, item_known)})"
+        rule = model.fallback_rule(user_known, item_known)
+        if args.fallback == "known_terms" and model.kind == "bias":
+            rule = "scaled sigmoid of the known biases"
+        line += f" (fallback: unknown {unknown}; {rule})"
     print(line)
     return 0
 

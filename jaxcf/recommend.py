@@ -30,7 +30,9 @@ the user (item) were unknown: ``sigmoid(b_item)`` scaled gives RMSE 1.257 (``sig
 1.180; the midpoint for both 1.329), the rule above 0.993 (0.962; 1.060 for both). A constant
 mean training rating gives 1.060.
 
-``strict=True`` raises :class:`UnknownIdError` instead.
+``fallback="known_terms"`` gives Surprise's literal rule instead (bias model: the scaled sigmoid
+of the known biases; the middle of the range when both are unknown), measured above to be worse
+here. ``strict=True`` raises :class:`UnknownIdError` instead.
 
 Cold start in :meth:`Model.recommend` (unknown user, not strict): the bias model's items ranked by
 learned item bias, the dot model's by number of training ratings; each scored with its
@@ -140,6 +142,9 @@ def _top_k_cosine(unit_items, query, excluded, k):
 def _as_1d(values: Any) -> np.ndarray:
     array = np.asarray(values)
     return array.reshape(1) if array.ndim == 0 else array
+
+
+FALLBACKS = ("mean", "known_terms")
 
 
 class Model:
@@ -256,7 +261,19 @@ class Model:
             out[start : start + size] = np.asarray(_score_pairs(self._params, u, i, self.y_range))[:size]
         return out
 
-    def _fallback_scores(self, users: np.ndarray, items: np.ndarray, user_known, item_known) -> np.ndarray:
+    def _fallback_scores(
+        self, users: np.ndarray, items: np.ndarray, user_known, item_known, fallback: str = "mean"
+    ) -> np.ndarray:
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback={fallback!r}: choose one of {', '.join(FALLBACKS)}")
+        if fallback == "known_terms" and self.kind == "bias":
+            # Surprise's literal rule on this model: drop the unknown side's terms, i.e. the scaled
+            # sigmoid of the known biases (of 0 when both sides are unknown: the middle of the range).
+            logits = np.zeros(len(users), np.float64)
+            logits[user_known] += self.user_bias[users[user_known]]
+            logits[item_known] += self.item_bias[items[item_known]]
+            low, high = self.y_range
+            return (1 / (1 + np.exp(-logits)) * (high - low) + low).astype(np.float32)
         overall, per_user, per_item = self.fallback_tables
         scores = np.full(len(users), overall, np.float32)
         only_item = item_known & ~user_known
@@ -293,13 +310,16 @@ class Model:
             )
         return indices, known
 
-    def predict(self, user_ids: Any, item_ids: Any, strict: bool = False) -> Predictions:
+    def predict(self, user_ids: Any, item_ids: Any, strict: bool = False, fallback: str = "mean") -> Predictions:
         """Predicted ratings for pairs of raw ids.
 
         Args:
           user_ids, item_ids: raw ids, scalars or sequences of one length (a scalar is repeated).
             Integers or strings; numeric strings match integer ids.
           strict: raise on unknown ids instead of falling back.
+          fallback: ``"mean"`` (the default; the module's policy table) or ``"known_terms"``
+            (Surprise's literal rule: for the bias model, the scaled sigmoid of the known biases;
+            the dot model has no per-side terms, so it uses ``"mean"``).
 
         Returns:
           :class:`Predictions` with float32[n] ratings and bool[n] fallback flags.
@@ -318,7 +338,7 @@ class Model:
         users, user_known = self.lookup_users(users_raw, strict)
         items, item_known = self.lookup_items(items_raw, strict)
         both = user_known & item_known
-        ratings = self._fallback_scores(users, items, user_known, item_known)
+        ratings = self._fallback_scores(users, items, user_known, item_known, fallback)
         if both.any():
             ratings[both] = self._score_known(users[both], items[both])
         return Predictions(ratings, ~both, user_known, item_known)

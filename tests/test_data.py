@@ -173,7 +173,8 @@ def test_cli_bad_data_exits_2_writing_nothing(payload, overrides, message, tmp_p
     if payload is not None:
         path.write_bytes(payload)
     workdir = tmp_path / "run"
-    code = main(["--config", "bias.yaml", "--set", f"data.path={path}", *overrides, "--workdir", str(workdir), "--quiet"])
+    argv = ["--config", "bias.yaml", "--set", f"data.path={path}", *overrides]
+    code = main([*argv, "--workdir", str(workdir), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err

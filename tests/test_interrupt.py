@@ -17,7 +17,8 @@ from jaxcf import checkpoint, train
 from jaxcf.config import load
 
 ROOT = Path(__file__).parents[1]
-SMALL = ["--config", "bias.yaml", "--quiet", "--set", "model.n_factors=8", "checkpoint.every_epochs=1", "checkpoint.keep=50"]
+SMALL = ["--config", "bias.yaml", "--quiet"]
+SMALL += ["--set", "model.n_factors=8", "checkpoint.every_epochs=1", "checkpoint.keep=50"]
 
 
 def _start(workdir, epochs, *extra):

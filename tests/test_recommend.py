@@ -385,3 +385,18 @@ def test_missing_model_exits_2(cli, args, tmp_path, capsys):
     assert cli.main(["--model", str(tmp_path / "nope"), *args]) == 2
     err = capsys.readouterr().err
     assert "no such directory" in err and err.count("\n") == 1
+
+
+def test_known_terms_fallback_is_surprises_literal_rule(model):
+    user_bias = model.user_bias
+    item_bias = model.item_bias
+    low, high = model.y_range
+    user, item = model.user_ids.raw[3], model.item_ids.raw[5]
+    result = model.predict([user, "no-such-user", "no-such-user"], [999_999_999, item, 999_999_999],
+                           fallback="known_terms")
+    sig = lambda x: 1 / (1 + np.exp(-x)) * (high - low) + low  # noqa: E731
+    expected = [sig(user_bias[3]), sig(item_bias[5]), (low + high) / 2]
+    np.testing.assert_allclose(result.ratings, expected, rtol=1e-6)
+    assert result.fallback.all()
+    with pytest.raises(ValueError, match="fallback="):
+        model.predict([user], [item], fallback="zero")

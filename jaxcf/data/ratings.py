@@ -184,7 +184,9 @@ def read_table(
     for name in table.column_names:
         # pyarrow reads bytes that are not UTF-8 as a binary column instead of failing.
         if pa.types.is_binary(table.column(name).type) or pa.types.is_large_binary(table.column(name).type):
-            raise DataError(f"{path}: column {name!r} holds bytes that are not valid UTF-8; re-encode the file as UTF-8")
+            raise DataError(
+                f"{path}: column {name!r} holds bytes that are not valid UTF-8; re-encode the file as UTF-8"
+            )
     return table
 
 
@@ -206,7 +208,9 @@ def ratings_from_columns(
         missing = pd.isna(values)
         if missing.any():
             row = int(np.argmax(missing))
-            raise DataError(f"{source}: missing {col} id in data row {row + 1}; every rating needs a user and an item id")
+            raise DataError(
+                f"{source}: missing {col} id in data row {row + 1}; every rating needs a user and an item id"
+            )
     ratings = np.asarray(ratings_raw)
     if ratings.dtype.kind not in "fiu":
         as_numbers = pd.to_numeric(pd.Series(ratings), errors="coerce").to_numpy()
