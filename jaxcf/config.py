@@ -64,6 +64,14 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1.0e-8
+    # L2 on the rows each batch gathers, added to the loss per rating as in Surprise's SVD:
+    # row_l2 * (|p_u|^2 + |q_i|^2 + b_u^2 + b_i^2) averaged over the batch (frequent rows are
+    # penalised more often). Trained by jaxcf.ensemble / jaxcf.sweep; 0 = off.
+    row_l2: float = 0.0
+    # Learning-rate schedule over the whole run, as a multiplier of learning_rate: constant,
+    # cosine (decay to 0) or onecycle (optax.cosine_onecycle_schedule). Non-constant schedules are
+    # trained by jaxcf.ensemble / jaxcf.sweep.
+    schedule: str = "constant"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +112,22 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EnsembleConfig:
+    # Members whose predictions are averaged. 1 (with method seeds) is the single model of jaxcf.train.
+    size: int = 1
+    # seeds: `size` SGD models trained side by side in one vmapped program, seeds seed, seed+1, ...
+    #   (one data split, from `seed`); gibbs: Bayesian MF (BPMF) by Gibbs sampling, the members being
+    #   `size` posterior samples (model.kind dot; train.epochs counts sweeps).
+    method: str = "seeds"
+    # gibbs: independent chains sampled side by side; size must be a multiple of chains.
+    chains: int = 1
+    # gibbs: sweeps discarded before samples are kept.
+    burn_in: int = 20
+    # gibbs: alpha, the precision (1 / variance) of a rating around its predicted value.
+    noise_precision: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     seed: int = 42
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -113,12 +137,15 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    ensemble: EnsembleConfig = dataclasses.field(default_factory=EnsembleConfig)
 
 
 # Allowed values for enumerated keys: small explicit sets, no getattr dispatch.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.kind": ("dot", "bias"),
     "optim.name": ("adamw", "adam", "lazy_adam"),
+    "optim.schedule": ("constant", "cosine", "onecycle"),
+    "ensemble.method": ("seeds", "gibbs"),
 }
 
 
@@ -258,7 +285,52 @@ def validate(config: Config) -> Config:
     cols = [config.data.user_col, config.data.item_col, config.data.rating_col]
     if len(set(cols)) != 3:
         raise ConfigError(f"data.user_col, data.item_col and data.rating_col must differ; got {cols}")
+    _validate_ensemble(config)
     return config
+
+
+def _validate_ensemble(config: Config) -> None:
+    """Checks ``ensemble.*`` and the optimizer extras that only the ensemble trainer implements."""
+    ensemble = config.ensemble
+    if not (math.isfinite(config.optim.row_l2) and config.optim.row_l2 >= 0):
+        raise ConfigError(f"optim.row_l2: must be a finite number >= 0; got {config.optim.row_l2!r}")
+    for key in ("size", "chains"):
+        if getattr(ensemble, key) < 1:
+            raise ConfigError(f"ensemble.{key}: must be an integer >= 1; got {getattr(ensemble, key)!r}")
+    if ensemble.burn_in < 0:
+        raise ConfigError(f"ensemble.burn_in: must be an integer >= 0; got {ensemble.burn_in!r}")
+    if not (math.isfinite(ensemble.noise_precision) and ensemble.noise_precision > 0):
+        raise ConfigError(f"ensemble.noise_precision: must be a finite number > 0; got {ensemble.noise_precision!r}")
+    if ensemble.method == "gibbs":
+        if config.model.kind != "dot":
+            raise ConfigError("ensemble.method gibbs samples a dot model (BPMF); set model.kind: dot")
+        if ensemble.size % ensemble.chains:
+            raise ConfigError(
+                f"ensemble.size ({ensemble.size}) must be a multiple of ensemble.chains ({ensemble.chains})"
+            )
+        per_chain = ensemble.size // ensemble.chains
+        if config.train.epochs - ensemble.burn_in < per_chain:
+            raise ConfigError(
+                f"train.epochs ({config.train.epochs} sweeps) leaves fewer than {per_chain} sweeps per chain after "
+                f"ensemble.burn_in ({ensemble.burn_in}); raise train.epochs or lower ensemble.size"
+            )
+        if config.train.early_stopping_patience:
+            raise ConfigError("train.early_stopping_patience does not apply to ensemble.method gibbs; set it to 0")
+    elif uses_ensemble_trainer(config) and config.optim.name not in ("adam", "adamw"):
+        raise ConfigError(
+            f"optim.name {config.optim.name!r}: ensembles, optim.row_l2 and optim.schedule train with adam or adamw"
+        )
+
+
+def uses_ensemble_trainer(config: Config) -> bool:
+    """Whether ``config`` needs ``jaxcf.ensemble`` rather than the single-model loop of ``jaxcf.train``:
+    an ensemble, or an optimizer extra (row_l2, a schedule) that only that trainer implements."""
+    return (
+        config.ensemble.size > 1
+        or config.ensemble.method != "seeds"
+        or config.optim.row_l2 > 0
+        or config.optim.schedule != "constant"
+    )
 
 
 def from_dict(raw: Mapping[str, Any] | None) -> Config:
