@@ -103,6 +103,12 @@ class RowSparse(NamedTuple):
       to_slots: ``(state, names) -> list`` of per-slot lists of per-table arrays (pack order).
       from_slots: ``(slot_tables, count_per_table) -> state`` inverse of ``to_slots`` for one
         table: gets ``{name: ([slot arrays], count)}`` and returns the state dict.
+      dense_rows_per_id: how a step finds a group's touched rows (the result is the same either
+        way). A group with at most this many rows per batch entry is updated *densely*: the
+        gradients are scatter-added into a table-sized buffer and every row is computed, touched
+        rows kept; a larger group gathers and scatters only the touched rows. Measured on a 2-core
+        CPU (``BENCHMARKS.md``): 138k rows at batch 65k (2 rows per entry) run 1.6x faster densely,
+        at batch 16k (8.5 per entry) 2.2x faster row-wise. 0 forces row-wise, ``inf`` dense.
     """
 
     init: Callable[[Mapping[str, jax.Array]], Any]
@@ -111,6 +117,7 @@ class RowSparse(NamedTuple):
     update_rows: Callable
     to_slots: Callable
     from_slots: Callable
+    dense_rows_per_id: float = 4.0
 
     def update(
         self, params: Params, state: Any, row_grads: Mapping[str, jax.Array], users: jax.Array, items: jax.Array
@@ -126,7 +133,12 @@ class RowSparse(NamedTuple):
         Returns:
           (new params, new state).
         """
-        return unpack(self, sparse_step(self, pack(self, params, state), row_grads, users, items))
+        packed = pack(self, params, state)
+        group_grads = {
+            group: jnp.concatenate([row_grads[name] for name in packed.tables(group)], axis=1)
+            for group in packed.groups
+        }
+        return unpack(self, sparse_step(self, packed, group_grads, users, items))
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["groups"], meta_fields=["names", "widths"])
@@ -173,26 +185,46 @@ def unpack(optimizer: RowSparse, packed: Packed) -> tuple[Params, Any]:
     return params, optimizer.from_slots(per_table)
 
 
-def gather_params(packed: Packed, users: jax.Array, items: jax.Array) -> tuple[dict[str, jax.Array], Params]:
-    """Gathers the batch's packed rows, and their parameters split per table.
+def gather_rows(packed: Packed, users: jax.Array, items: jax.Array) -> dict[str, jax.Array]:
+    """The parameter rows of a batch, one gather per id kind.
 
     Args:
       users, items: int32[b] in range (padding entries must hold a valid id; their weight is 0).
 
     Returns:
-      (``group -> float32[b, width]`` gathered parameter rows of each group, ``name -> float32[b, d]``
-       the same rows split per table).
+      ``group -> float32[b, width]``: each group's tables side by side, in ``GROUPS`` order.
     """
     ids = {"user": users, "item": items}
+    return {
+        group: packed_group.slots[0].at[ids[group]].get(mode="promise_in_bounds")
+        for group, packed_group in packed.groups.items()
+    }
+
+
+def table_rows(packed: Packed, group_rows: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Splits gathered group rows per table, for ``jaxcf.models.score_rows``.
+
+    A group of an embedding and a bias keeps the embedding as the whole packed row with the bias
+    column multiplied by 0: the dot product of two such rows is the embeddings' dot product, and
+    XLA fuses the mask into its consumers instead of copying an ``[b, F]`` slice (measured: the
+    slice copies and the concatenation of their gradients took about a quarter of a large-batch step).
+
+    Returns:
+      ``name -> float32[b, d]``; embeddings of a group with a bias are ``[b, F + 1]``.
+    """
     width_of = dict(zip(packed.names, packed.widths))
-    gathered, rows = {}, {}
-    for group, packed_group in packed.groups.items():
-        gathered[group] = packed_group.slots[0].at[ids[group]].get(mode="promise_in_bounds")
-        start = 0
-        for name in packed.tables(group):
-            rows[name] = gathered[group][:, start : start + width_of[name]]
-            start += width_of[name]
-    return gathered, rows
+    rows = {}
+    for group, block in group_rows.items():
+        names = packed.tables(group)
+        if len(names) == 1:
+            rows[names[0]] = block
+            continue
+        embedding, bias = names
+        size = width_of[embedding]
+        mask = (jnp.arange(block.shape[1]) < size).astype(block.dtype)[None, :]
+        rows[embedding] = block * mask
+        rows[bias] = block[:, size : size + width_of[bias]]
+    return rows
 
 
 def owners(ids: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
@@ -224,7 +256,7 @@ def sparse_update(
     grads: jax.Array,
     gathered: jax.Array | None = None,
 ) -> PackedGroup:
-    """Applies one row-sparse step to a packed group.
+    """Applies one row-sparse step to a packed group (row-wise or dense: see ``RowSparse.dense_rows_per_id``).
 
     Args:
       optimizer: a :class:`RowSparse`.
@@ -238,6 +270,8 @@ def sparse_update(
       The updated group.
     """
     num_rows = group.slots[0].shape[0]
+    if num_rows <= optimizer.dense_rows_per_id * ids.shape[0]:
+        return _dense_update(optimizer, group, ids, grads)
     owner, is_owner = owners(ids, num_rows)
     summed = jax.ops.segment_sum(grads, owner, num_segments=ids.shape[0])
     safe = jnp.maximum(ids, 0)
@@ -256,10 +290,27 @@ def sparse_update(
     return PackedGroup(slots, count)
 
 
+def _dense_update(optimizer: RowSparse, group: PackedGroup, ids: jax.Array, grads: jax.Array) -> PackedGroup:
+    """The row-sparse step computed for every row, with untouched rows kept as they were.
+
+    Cheaper than gathering and scattering the touched rows when the batch touches a large part of
+    the table: XLA's scatters cost several times a streaming pass per row on CPU.
+    """
+    num_rows = group.slots[0].shape[0]
+    safe = jnp.where(ids >= 0, ids, num_rows)  # padding goes out of range and is dropped
+    # On CPU this adds in batch order, as the row-wise path's segment_sum does: the same sums.
+    summed = jnp.zeros_like(group.slots[0]).at[safe].add(grads, mode="drop")
+    touched = jnp.zeros((num_rows,), bool).at[safe].set(True, mode="drop")
+    new_rows, new_count = optimizer.update_rows(group.slots, group.count, summed)
+    slots = tuple(jnp.where(touched[:, None], new, old) for new, old in zip(new_rows, group.slots))
+    count = None if group.count is None else jnp.where(touched, new_count, group.count)
+    return PackedGroup(slots, count)
+
+
 def sparse_step(
     optimizer: RowSparse,
     packed: Packed,
-    row_grads: Mapping[str, jax.Array],
+    group_grads: Mapping[str, jax.Array],
     users: jax.Array,
     items: jax.Array,
     gathered: Mapping[str, jax.Array] | None = None,
@@ -267,16 +318,15 @@ def sparse_step(
     """One row-sparse step on every group of ``packed``.
 
     Args:
-      row_grads: ``name -> float32[b, d]`` gradients with respect to the gathered parameter rows.
+      group_grads: ``group -> float32[b, width]`` gradients with respect to the gathered group rows.
       users, items: int32[b] row ids; negative ids are padding.
-      gathered: the first result of :func:`gather_params` for these ids, to avoid gathering twice.
+      gathered: the result of :func:`gather_rows` for these ids, to avoid gathering twice.
     """
     ids = {"user": users, "item": items}
     groups = {}
     for group, packed_group in packed.groups.items():
-        grads = jnp.concatenate([row_grads[n] for n in packed.tables(group)], axis=1)
         groups[group] = sparse_update(
-            optimizer, packed_group, ids[group], grads, None if gathered is None else gathered[group]
+            optimizer, packed_group, ids[group], group_grads[group], None if gathered is None else gathered[group]
         )
     return Packed(groups, packed.names, packed.widths)
 

@@ -104,16 +104,17 @@ def make_packed_sparse_step(optimizer: optim.RowSparse, y_range: tuple[float, fl
     scatter per id kind and batch).
     """
 
-    def loss_of_rows(rows, ratings, weights):
-        return weighted_mse(models.score_rows(rows, y_range), ratings, weights)
-
     def step(packed, users, items, ratings, weights):
-        gathered, rows = optim.gather_params(packed, users, items)
-        loss, row_grads = jax.value_and_grad(loss_of_rows)(rows, ratings, weights)
+        def loss_of_group_rows(group_rows):
+            rows = optim.table_rows(packed, group_rows)
+            return weighted_mse(models.score_rows(rows, y_range), ratings, weights)
+
+        gathered = optim.gather_rows(packed, users, items)
+        loss, group_grads = jax.value_and_grad(loss_of_group_rows)(gathered)
         # Padding entries must not count as touching a row (they would advance its moments).
         real = weights > 0
         packed = optim.sparse_step(
-            optimizer, packed, row_grads, jnp.where(real, users, -1), jnp.where(real, items, -1), gathered
+            optimizer, packed, group_grads, jnp.where(real, users, -1), jnp.where(real, items, -1), gathered
         )
         return packed, loss
 
