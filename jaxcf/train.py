@@ -39,7 +39,7 @@ import numpy as np
 import optax
 
 from jaxcf import checkpoint, evaluate, export, models, optim
-from jaxcf.config import Config, ConfigError, dump, load, to_dict
+from jaxcf.config import Config, ConfigError, dump, load, to_dict, uses_ensemble_trainer
 from jaxcf.data import DataError, Dataset
 from jaxcf.data import load as load_dataset
 from jaxcf.fileio import atomic_write_text
@@ -498,6 +498,10 @@ def run(
       TrainingDiverged: the last good checkpoint is kept.
       Interrupted: on SIGINT, after checkpointing the last finished epoch.
     """
+    if uses_ensemble_trainer(config):  # ensembles, row_l2 and schedules: jaxcf.ensemble trains those
+        from jaxcf import ensemble
+
+        return ensemble.run(config, workdir, resume=resume, quiet=quiet, dataset=dataset, out=out)
     out = out if out is not None else sys.stdout
     _check_workdir(workdir, resume, config)
     dataset = dataset if dataset is not None else load_dataset(config.data, config.seed)
