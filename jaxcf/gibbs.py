@@ -99,7 +99,7 @@ def sample_hyperparameters(key: jax.Array, factors: jax.Array) -> tuple[jax.Arra
     """
     rows, size = factors.shape
     mean = factors.mean(axis=0)
-    centred = factors - mean
+    centred = factors - mean[None]
     scatter = centred.T @ centred  # rows * sample covariance
     beta = BETA0 + rows
     # W*^-1 = W0^-1 + N S + beta0 N / (beta0 + N) (mu0 - mean)(mu0 - mean)^T, with mu0 = 0, W0 = I.

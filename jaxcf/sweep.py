@@ -386,8 +386,16 @@ def make_members(base_raw: dict, overrides: Sequence[str], grid: dict[str, list]
                 config = from_dict(apply_overrides(base_raw, sets))
             except ConfigError as err:
                 raise ConfigError(f"grid point {point}: {err}") from None
-            members.append(Member(config, point))
+            # Record the values as the config resolved them (YAML reads `1e-3` as text, the config a number).
+            members.append(Member(config, {key: _resolved(config, key) for key in keys}))
     return members
+
+
+def _resolved(config: Config, dotted: str) -> Any:
+    value: Any = to_dict(config)
+    for part in dotted.split("."):
+        value = value[part]
+    return value
 
 
 def run_sweep(
