@@ -97,9 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load(args.config, args.set)
-        splits: list[str | None] = [s.strip() for s in args.splits.split(",")] if args.splits else [config.data.split]
-        if any(not s for s in splits):
-            raise ConfigError(f"--splits: empty split name in {args.splits!r}; e.g. --splits u1,u2,u3,u4,u5")
+        splits: list[str | None] = [config.data.split]
+        if args.splits is not None:
+            splits = [s.strip() for s in args.splits.split(",")]
+            if not all(splits):
+                raise ConfigError(f"--splits: empty split name in {args.splits!r}; e.g. --splits u1,u2,u3,u4,u5")
         stem = Path(args.config).stem if args.config else "run"
         workdir = args.workdir or Path("runs") / f"crossval-{stem}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
         rows = []

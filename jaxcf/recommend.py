@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcf.data.ratings import IdMap
-from jaxcf.export import Export, ModelError, read_export
+from jaxcf.export import Export, ModelError
 from jaxcf.models import gather_rows, score_rows
 
 # Pairs per device call in predict(); smaller requests are padded to the next power of two so that
@@ -108,7 +108,24 @@ def _bucket(n: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("y_range",))
 def _score_pairs(params, users, items, y_range):
+    if params["user_embedding"].ndim == 3:  # an ensemble (jaxcf.ensemble): the mean of its members
+        return jnp.mean(jax.vmap(lambda p: _score_pairs(p, users, items, y_range))(params), axis=0)
     return score_rows(gather_rows(params, users, items), y_range)
+
+
+def _score_all_items(params, users, y_range):
+    """float32[B, num_items] predicted ratings of every item for users int32[B]."""
+    if params["user_embedding"].ndim == 3:  # an ensemble (jaxcf.ensemble): the mean of its members
+        return jnp.mean(jax.vmap(lambda p: _score_all_items(p, users, y_range))(params), axis=0)
+    # HIGHEST: on GPUs a float32 matmul may otherwise run in TF32 and disagree with predict().
+    logits = jnp.matmul(
+        params["user_embedding"][users], params["item_embedding"].T, precision=jax.lax.Precision.HIGHEST
+    )
+    if y_range is None:
+        return logits
+    logits = logits + params["user_bias"][users] + params["item_bias"][:, 0][None, :]
+    low, high = y_range
+    return jax.nn.sigmoid(logits) * (high - low) + low
 
 
 @functools.partial(jax.jit, static_argnames=("k", "y_range"))
@@ -118,16 +135,7 @@ def _top_k_unseen(params, users, seen_rows, seen_items, k, y_range):
     users: int32[B]; seen_rows, seen_items: int32[S] (row in the block, item index), padded with
     out-of-range rows that the scatter drops. Returns (float32[B, k] scores, int32[B, k] items).
     """
-    # HIGHEST: on GPUs a float32 matmul may otherwise run in TF32 and disagree with predict().
-    logits = jnp.matmul(
-        params["user_embedding"][users], params["item_embedding"].T, precision=jax.lax.Precision.HIGHEST
-    )
-    if y_range is None:
-        scores = logits
-    else:
-        logits = logits + params["user_bias"][users] + params["item_bias"][:, 0][None, :]
-        low, high = y_range
-        scores = jax.nn.sigmoid(logits) * (high - low) + low
+    scores = _score_all_items(params, users, y_range)
     scores = scores.at[seen_rows, seen_items].set(-jnp.inf, mode="drop")
     return jax.lax.top_k(scores, k)
 
@@ -171,10 +179,18 @@ class Model:
         self.user_ids = IdMap(export.user_ids)
         self.item_ids = IdMap(export.item_ids)
         weights = export.weights
-        self.user_embedding = weights["user_embedding"]
-        self.item_embedding = weights["item_embedding"]
-        self.user_bias = weights["user_bias"][:, 0] if "user_bias" in weights else None
-        self.item_bias = weights["item_bias"][:, 0] if "item_bias" in weights else None
+        # An ensemble's tables are stacked [K, rows, d]: predictions and top-k use all of them (the
+        # members' mean); similar items and bias rankings use 2-D summaries (jaxcf.ensemble.member_summary).
+        self.ensemble_size: int | None = model_info.get("ensemble_size")
+        shown = weights
+        if weights["user_embedding"].ndim == 3:
+            from jaxcf.ensemble import member_summary
+
+            shown = member_summary(weights)
+        self.user_embedding = shown["user_embedding"]
+        self.item_embedding = shown["item_embedding"]
+        self.user_bias = shown["user_bias"][:, 0] if "user_bias" in shown else None
+        self.item_bias = shown["item_bias"][:, 0] if "item_bias" in shown else None
         self.seen_users = export.seen_users
         self.seen_items = export.seen_items
         self.user_counts = np.bincount(self.seen_users, minlength=self.num_users)
@@ -490,7 +506,9 @@ def load_model(path: str | Path) -> Model:
     Raises:
       ModelError: missing directory or metadata, a tampered or truncated file, inconsistent contents.
     """
-    return Model(read_export(path))
+    from jaxcf.ensemble import read_any  # an ensemble export, or a single model's (read_export)
+
+    return Model(read_any(path))
 
 
 # ------------------------------------------------------------------------------------- CLI

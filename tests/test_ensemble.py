@@ -190,3 +190,26 @@ def test_score_pairs_of_one_member_is_the_model_itself():
                                                   users, items), None)
     np.testing.assert_allclose(np.asarray(ensemble.score_pairs(stacked, users, items, None)), np.asarray(single),
                                rtol=1e-6)
+
+
+def test_load_model_predicts_and_recommends_with_the_ensemble(seeds_run, capsys):
+    from jaxcf import recommend
+
+    model = recommend.load_model(seeds_run)
+    loaded = ensemble.read_ensemble(seeds_run)
+    y_range = tuple(loaded.metadata["model"]["y_range"])
+    assert model.ensemble_size == 3
+    raw_users, raw_items = loaded.user_ids[[0, 1, 2, 2]], loaded.item_ids[[0, 3, 1, 2]]
+    predictions = model.predict(raw_users, raw_items)
+    users, _ = model.lookup_users(raw_users)
+    items, _ = model.lookup_items(raw_items)
+    np.testing.assert_allclose(predictions.ratings, ensemble.predict_pairs(loaded.weights, y_range, users, items),
+                               rtol=1e-6)
+    # The top item is the unseen item with the highest mean prediction over the members.
+    ranking = model.recommend(raw_users[0], k=3)
+    unseen = np.setdiff1d(np.arange(len(loaded.item_ids)), model.seen(int(users[0])))
+    scores = ensemble.predict_pairs(loaded.weights, y_range, np.full(len(unseen), users[0]), unseen)
+    assert ranking.ids[0] == loaded.item_ids[unseen[np.argmax(scores)]]
+    np.testing.assert_allclose(ranking.scores[0], scores.max(), rtol=1e-5)
+    assert recommend.main(["--model", str(seeds_run), "--user", str(raw_users[0]), "--k", "2"]) == 0
+    assert "top 2 for user" in capsys.readouterr().out
