@@ -171,3 +171,32 @@ def test_a_diverging_member_leaves_the_others_alone(small_csv):
     assert np.isfinite(record["member_valid_rmse"][0]) and np.isnan(record["member_valid_rmse"][1])
     assert record["members"] == 1 and record["valid_rmse"] == pytest.approx(record["member_valid_rmse"][0])
     assert jax.tree.leaves(fitted.state.params)  # the state is still returned whole
+
+
+def test_crossval_scores_each_official_fold_and_summarises(tmp_path, capsys):
+    from jaxcf import crossval
+
+    out = tmp_path / "cv.json"
+    argv = ["--config", "bias.yaml", "--splits", "u1,u2", "--workdir", str(tmp_path / "cv"), "--out", str(out),
+            "--set", "data.name=ml-100k", "train.epochs=1", "train.batch_size=8192", "model.n_factors=2"]
+    assert crossval.main(argv) == 0
+    result = json.loads(out.read_text())
+    rows = result["splits"]
+    assert [r["split"] for r in rows] == ["u1", "u2"] and all(r["num_valid"] == 20000 for r in rows)
+    rmses = [r["metrics"]["valid_rmse"] for r in rows]
+    assert rmses[0] != rmses[1]
+    assert result["summary"]["valid_rmse"]["mean"] == pytest.approx(np.mean(rmses))
+    assert result["summary"]["valid_rmse"]["std"] == pytest.approx(np.std(rmses, ddof=1))
+    # The figure is the exported model's, and equals what the training run logged for its last epoch.
+    for row in rows:
+        logged = json.loads((tmp_path / "cv" / row["split"] / "metrics.jsonl").read_text().splitlines()[-1])
+        assert row["metrics"]["valid_rmse"] == pytest.approx(logged["valid_rmse"], rel=1e-5)
+    assert "valid_rmse" in capsys.readouterr().out
+
+
+def test_crossval_refuses_a_split_the_dataset_does_not_have(tmp_path, capsys):
+    from jaxcf import crossval
+
+    assert crossval.main(["--config", "bias.yaml", "--splits", "u9", "--workdir", str(tmp_path / "cv")]) == 2
+    err = capsys.readouterr().err
+    assert "ml-latest-small has no predefined splits" in err
