@@ -12,7 +12,7 @@ Two measurements, both on the same config, the same K seeds and the same number 
   they are for a user.
 - **Training alone** (steady state, compiled, in this process): the median time of one epoch of
   ``jaxcf.train.make_train_epoch`` (one model) against one epoch of
-  ``jaxcf.sweep.make_members_epoch`` with K members, and the compile time of each
+  ``jaxcf.members.make_members_epoch`` with K members, and the compile time of each
   (``lower().compile()``).
 
 Other processes on the machine skew wall times: the load average is recorded before and after, and
@@ -76,7 +76,7 @@ def time_epochs(config_name: str, models: int, overrides: list[str], repeats: in
     import jax.numpy as jnp
 
     from jaxcf import config as jconfig
-    from jaxcf import data, sweep, train
+    from jaxcf import data, members, train
 
     config = jconfig.load(config_name, overrides)
     dataset = data.load(config.data, config.seed)
@@ -101,10 +101,10 @@ def time_epochs(config_name: str, models: int, overrides: list[str], repeats: in
     single_fn = train.make_train_epoch(setup.optimizer, setup.y_range, config.train.batch_size)
     single_compile, single = timed(single_fn, train.init_state(setup), users, items, targets, order)
 
-    members = [sweep.Member(jconfig.load(config_name, [*overrides, f"seed={42 + k}"]), {}) for k in range(models)]
-    tx = sweep.make_optimizer(config, train.num_batches(n, config.train.batch_size))
-    state = sweep.init_members(setup, members, tx)
-    members_fn = sweep.make_members_epoch(tx, setup.y_range, config.train.batch_size)
+    seeds = [members.Member(jconfig.load(config_name, [*overrides, f"seed={42 + k}"]), {}) for k in range(models)]
+    tx = members.make_optimizer(config, train.num_batches(n, config.train.batch_size))
+    state = members.init_members(setup, seeds, tx)
+    members_fn = members.make_members_epoch(tx, setup.y_range, config.train.batch_size)
     orders = jnp.stack([order] * models)
     members_compile, many = timed(members_fn, state, jnp.zeros(models), users, items, targets, orders)
     return {

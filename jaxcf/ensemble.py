@@ -5,7 +5,7 @@
 ``optim.schedule``). Two ways to get members:
 
 - ``seeds``: K SGD models with seeds ``seed, seed + 1, ...`` trained side by side in one vmapped
-  program (``jaxcf.sweep.fit_members``) on one data split. ``train.early_stopping_patience`` watches
+  program (``jaxcf.members.fit_members``) on one data split. ``train.early_stopping_patience`` watches
   the *ensemble's* validation RMSE and exports the parameters of its best epoch.
 - ``gibbs``: K posterior samples of Bayesian MF (``jaxcf.gibbs``), each a dot model with the mean
   rating folded in.
@@ -19,7 +19,7 @@ predictions (for biased members, the mean of their scaled sigmoids). The last re
 Ensemble runs write no resumable checkpoints: ``--resume`` is refused with a one-line error.
 
 What does not live here: the single-model loop (``jaxcf.train``), the vmapped trainer
-(``jaxcf.sweep``), the sampler (``jaxcf.gibbs``), inference for raw ids (``jaxcf.recommend``).
+(``jaxcf.members``), the sampler (``jaxcf.gibbs``), inference for raw ids (``jaxcf.recommend``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcf import export, gibbs, models, ranking, sweep, train
+from jaxcf import export, gibbs, members, models, ranking, train
 from jaxcf.config import Config, ConfigError, dump, to_dict
 from jaxcf.data import Dataset
 from jaxcf.data import load as load_dataset
@@ -70,10 +70,10 @@ class Trained:
         return int(next(iter(self.params.values())).shape[0])
 
 
-def seed_members(config: Config) -> list[sweep.Member]:
+def seed_members(config: Config) -> list[members.Member]:
     """The ``ensemble.size`` members of a seeds ensemble: the config with seeds seed, seed+1, ..."""
     return [
-        sweep.Member(dataclasses.replace(config, seed=config.seed + k), {"seed": config.seed + k})
+        members.Member(dataclasses.replace(config, seed=config.seed + k), {"seed": config.seed + k})
         for k in range(config.ensemble.size)
     ]
 
@@ -92,10 +92,10 @@ def fit(
     if config.ensemble.method == "gibbs":
         result = gibbs.fit(config, dataset, on_epoch=on_epoch)
         return Trained(result.members, "dot", None, result.history, len(result.history))
-    members = seed_members(config)
-    fitted = sweep.fit_members(config, dataset, members, on_epoch=on_epoch, show_progress=show_progress)
+    seeds = seed_members(config)
+    fitted = members.fit_members(config, dataset, seeds, on_epoch=on_epoch, show_progress=show_progress)
     if fitted.diverged.any():
-        bad = ", ".join(str(m.config.seed) for m, d in zip(members, fitted.diverged) if d)
+        bad = ", ".join(str(m.config.seed) for m, d in zip(seeds, fitted.diverged) if d)
         raise train.TrainingDiverged(
             f"training diverged for the member(s) with seed {bad}; lower optim.learning_rate"
         )

@@ -17,7 +17,7 @@ The per-row sums ``sum_i V_i V_i^T`` are accumulated by a scan over chunks of ra
 ``rows * F * F`` plus one chunk's outer products, not one ``F x F`` matrix per rating.
 
 What does not live here: the workdir, export and CLI (``jaxcf.ensemble``), SGD training
-(``jaxcf.train``, ``jaxcf.sweep``).
+(``jaxcf.train``, ``jaxcf.members``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Many models in one program: members equal single runs, per-member hyper-parameters, row L2,
-schedules, the holdout split and the sweep CLI. Tiny synthetic data keeps every program small."""
+"""Many models in one program (jaxcf.members) and sweeps (jaxcf.sweep, jaxcf.crossval): members equal
+single runs, per-member hyper-parameters, row L2, schedules, the holdout split, the sweep and
+cross-validation CLIs. Tiny synthetic data keeps every program small."""
 
 import dataclasses
 import json
@@ -11,7 +12,7 @@ import optax
 import pytest
 
 from jaxcf import config as cfg
-from jaxcf import optim, sweep, train
+from jaxcf import members, optim, sweep, train
 from jaxcf.data import load as load_dataset
 
 
@@ -38,7 +39,7 @@ def _config(csv, *overrides):
 @pytest.mark.parametrize("name", ["adamw", "adam"])
 def test_the_injected_optimizer_steps_like_jaxcf_optim(name):
     config = cfg.load("bias.yaml", [f"optim.name={name}", "optim.learning_rate=0.01", "optim.weight_decay=0.1"])
-    injected, reference = sweep.make_optimizer(config, steps_per_epoch=10), optim.dense(config.optim)
+    injected, reference = members.make_optimizer(config, steps_per_epoch=10), optim.dense(config.optim)
     params = {"a": jnp.array([0.5, -1.0, 2.0]), "b": jnp.array([[0.1], [0.3]])}
     grads = [jax.tree.map(lambda x, k=k: jnp.sin(x * (k + 1)), params) for k in range(5)]
     p1, s1, p2, s2 = params, injected.init(params), params, reference.init(params)
@@ -58,7 +59,7 @@ def test_each_member_equals_its_own_single_model_run(small_csv):
         base, seed=7, optim=dataclasses.replace(base.optim, learning_rate=5e-3, weight_decay=1e-2, b1=0.8)
     )
     dataset = load_dataset(base.data, base.seed)
-    fitted = sweep.fit_members(base, dataset, [sweep.Member(base, {}), sweep.Member(other, {})])
+    fitted = members.fit_members(base, dataset, [members.Member(base, {}), members.Member(other, {})])
     for k, config in enumerate((base, other)):
         state, progress = train.fit(train.make_setup(config, dataset))
         for name, table in state.params.items():
@@ -78,7 +79,7 @@ def test_row_l2_adds_the_gradient_of_a_per_rating_penalty():
         "item_bias": jnp.array([[0.05], [0.0], [-0.1]]),
     }
     tx = optax.sgd(1.0)
-    step = sweep.make_member_step(tx, (0.5, 5.0))
+    step = members.make_member_step(tx, (0.5, 5.0))
     state = train.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
     # User 0 appears twice, item 2 is padding (weight 0) and must not be penalised.
     users, items = jnp.array([0, 0, 1, 1]), jnp.array([0, 1, 1, 2])
@@ -97,9 +98,9 @@ def test_row_l2_adds_the_gradient_of_a_per_rating_penalty():
 
 def test_schedule_multipliers():
     total = 100
-    constant = sweep.schedule_multiplier("constant", total)
-    cosine = sweep.schedule_multiplier("cosine", total)
-    onecycle = sweep.schedule_multiplier("onecycle", total)
+    constant = members.schedule_multiplier("constant", total)
+    cosine = members.schedule_multiplier("cosine", total)
+    onecycle = members.schedule_multiplier("onecycle", total)
     assert float(constant(0)) == float(constant(total)) == 1.0
     assert float(cosine(0)) == 1.0 and float(cosine(total)) == pytest.approx(0.0, abs=1e-6)
     peak = max(float(onecycle(t)) for t in range(total + 1))
@@ -110,7 +111,7 @@ def test_members_of_one_program_must_share_the_static_part(small_csv):
     base = _config(small_csv)
     wider = dataclasses.replace(base, model=dataclasses.replace(base.model, n_factors=4))
     with pytest.raises(cfg.ConfigError, match="may differ only in seed"):
-        sweep.fit_members(base, load_dataset(base.data, 42), [sweep.Member(base, {}), sweep.Member(wider, {})])
+        members.fit_members(base, load_dataset(base.data, 42), [members.Member(base, {}), members.Member(wider, {})])
 
 
 def test_holdout_split_takes_only_training_rows(bundled):
@@ -129,14 +130,14 @@ def test_sweep_cli_trains_every_member_and_reports_the_best(small_csv, tmp_path,
             "--out", str(out), "--quiet"]
     assert sweep.main(argv) == 0
     summary = json.loads(out.read_text())
-    members = summary["members"]
-    assert len(members) == 8 and len(summary["programs"]) == 2  # n_factors is static: one program each
-    assert sorted(m["seed"] for m in members) == [42, 42, 42, 42, 43, 43, 43, 43]
-    assert {json.dumps(m["point"], sort_keys=True) for m in members} == {
+    rows = summary["members"]
+    assert len(rows) == 8 and len(summary["programs"]) == 2  # n_factors is static: one program each
+    assert sorted(m["seed"] for m in rows) == [42, 42, 42, 42, 43, 43, 43, 43]
+    assert {json.dumps(m["point"], sort_keys=True) for m in rows} == {
         json.dumps({"model.n_factors": n, "optim.weight_decay": w}, sort_keys=True) for n in (2, 3) for w in (0.0, 1e-2)
     }
-    assert all(m["valid_rmse"] == m["valid_rmse_by_epoch"][-1] for m in members)
-    assert summary["best_member"]["valid_rmse"] == min(m["valid_rmse"] for m in members)
+    assert all(m["valid_rmse"] == m["valid_rmse_by_epoch"][-1] for m in rows)
+    assert summary["best_member"]["valid_rmse"] == min(m["valid_rmse"] for m in rows)
     assert summary["ensemble_of_all"]["members"] == 8
     assert len(summary["by_point"]) == 4
     printed = capsys.readouterr().out
@@ -165,7 +166,7 @@ def test_a_diverging_member_leaves_the_others_alone(small_csv):
     base = _config(small_csv, "model.kind=dot", "train.epochs=2", "optim.weight_decay=0")
     wild = dataclasses.replace(base, optim=dataclasses.replace(base.optim, learning_rate=1e30))
     dataset = load_dataset(base.data, base.seed)
-    fitted = sweep.fit_members(base, dataset, [sweep.Member(base, {}), sweep.Member(wild, {})])
+    fitted = members.fit_members(base, dataset, [members.Member(base, {}), members.Member(wild, {})])
     assert fitted.diverged.tolist() == [False, True]
     record = fitted.history[-1]
     assert np.isfinite(record["member_valid_rmse"][0]) and np.isnan(record["member_valid_rmse"][1])
