@@ -44,13 +44,49 @@ def save(mngr: ocp.CheckpointManager, epoch: int, state: Any, progress: Mapping[
     mngr.wait_until_finished()
 
 
+def _path_shapes(tree: Any) -> dict[tuple, tuple]:
+    """``{key path: shape}`` with plain key names, so that a saved metadata tree (dicts) and a live
+    tree (NamedTuples, dicts) compare."""
+
+    def name(key):
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+    return {tuple(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _rows_differ_only(saved: dict[tuple, tuple], target: dict[tuple, tuple]) -> bool:
+    """Whether the saved and target shapes differ, and only in their leading (row) dimensions."""
+    if saved == target or saved.keys() != target.keys():
+        return False
+    return all(a == b or (len(a) == len(b) >= 1 and a[1:] == b[1:]) for a, b in ((saved[k], target[k]) for k in saved))
+
+
 def restore(mngr: ocp.CheckpointManager, epoch: int, abstract_state: Any) -> tuple[Any, dict]:
-    """Restores (state, progress) saved after ``epoch``, shaped like ``abstract_state``."""
+    """Restores (state, progress) saved after ``epoch``, shaped and placed like ``abstract_state``.
+
+    Args:
+      abstract_state: arrays, or ``jax.ShapeDtypeStruct`` with a ``sharding``: each leaf is restored
+        with that leaf's shape, dtype and sharding, so a sharded target reads only each device's
+        rows (``jaxcf.distributed.Layout.abstract`` builds one for a mesh).
+
+    A mesh stores tables padded with zero rows to a multiple of its ``model`` axis. When the saved
+    and target shapes differ only in their row counts, rows are padded with zeros or truncated to
+    the target's, so a run saved under one mesh resumes under another or on one device. (A resume
+    is refused before this when the config, and so the real table sizes, changed.)
+    """
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     try:
+        saved = ocp.StandardCheckpointHandler().metadata(mngr.directory / str(epoch) / "state")
+        strict = not _rows_differ_only(_path_shapes(saved.tree), _path_shapes(target))
         restored = mngr.restore(
             epoch,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target, strict=strict), progress=ocp.args.JsonRestore()
+            ),
         )
         progress = dict(restored["progress"])
     except Exception as err:  # orbax/tensorstore raise many types for damaged or foreign files

@@ -25,6 +25,7 @@ import fcntl
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcf import checkpoint, evaluate, export, models, optim
+from jaxcf import checkpoint, distributed, evaluate, export, models, optim
 from jaxcf.config import Config, ConfigError, dump, load, to_dict, uses_ensemble_trainer
 from jaxcf.data import DataError, Dataset
 from jaxcf.data import load as load_dataset
@@ -266,7 +267,9 @@ def fit(
       show_progress: draw a tqdm bar over epochs on stderr.
 
     Returns:
-      (final state, progress with the metric history).
+      (final state, progress with the metric history). Under a mesh (``config.mesh`` other than
+      one device) the state is sharded and its tables are padded to a multiple of ``mesh.model``
+      rows; ``distributed.to_host`` gives them back unpadded.
 
     Raises:
       TrainingDiverged: when an epoch's loss is NaN or infinite; the state of that epoch is dropped.
@@ -275,16 +278,33 @@ def fit(
 
     config = setup.config
     ratings = setup.dataset.ratings
-    state = state if state is not None else init_state(setup)
     progress = progress or Progress()
     train = setup.train_rows
-    users = jnp.asarray(ratings.users[train])
-    items = jnp.asarray(ratings.items[train])
-    targets = jnp.asarray(ratings.ratings[train])
     valid = setup.valid_rows
     valid_users, valid_items, valid_targets = ratings.users[valid], ratings.items[valid], ratings.ratings[valid]
-    epoch_fn = make_train_epoch(setup.optimizer, setup.y_range, config.train.batch_size)
-    predict_fn = evaluate.make_predict_fn(setup.y_range)
+    layout = distributed.make_layout(config)
+    if layout is None:  # one device: the unsharded program
+        state = state if state is not None else init_state(setup)
+        users = jnp.asarray(ratings.users[train])
+        items = jnp.asarray(ratings.items[train])
+        targets = jnp.asarray(ratings.ratings[train])
+        epoch_fn = make_train_epoch(setup.optimizer, setup.y_range, config.train.batch_size)
+        predict_fn = evaluate.make_predict_fn(setup.y_range)
+
+        def predict_valid(params):
+            return evaluate.predict_chunked(predict_fn, params, valid_users, valid_items, config.train.eval_batch_size)
+
+    else:  # a mesh: tables row-sharded over `model`, batches split over `data` (jaxcf.distributed)
+        state = layout.init(lambda: init_state(setup)) if state is None else layout.place(state)
+        # Host arrays: every process keeps the training rows and copies only its part of each batch.
+        users, items, targets = ratings.users[train], ratings.items[train], ratings.ratings[train]
+        epoch_fn = layout.make_train_epoch(
+            setup.optimizer, setup.y_range, config.train.batch_size,
+            make_step=make_train_step, make_packed_step=make_packed_sparse_step,
+        )
+        predict_valid = layout.make_predict(
+            evaluate.make_predict_fn(setup.y_range), valid_users, valid_items, config.train.eval_batch_size
+        )
     shuffle_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
     bar = tqdm(
@@ -309,9 +329,7 @@ def fit(
                 "lower optim.learning_rate (the last good checkpoint is kept)"
             )
         avg_loss, batch_num, train_loss = evaluate.debiased_ema(progress.avg_loss, progress.batch_num, losses)
-        predictions = evaluate.predict_chunked(
-            predict_fn, state.params, valid_users, valid_items, config.train.eval_batch_size
-        )
+        predictions = predict_valid(state.params)
         valid_mse = evaluate.mse(predictions, valid_targets)
         record = {
             "epoch": epoch + 1,
@@ -503,15 +521,24 @@ def run(
 
         return ensemble.run(config, workdir, resume=resume, quiet=quiet, dataset=dataset, out=out)
     out = out if out is not None else sys.stdout
+    distributed.initialize(config.distributed)  # a no-op unless several processes are configured
+    layout = distributed.make_layout(config)  # None for one device: nothing below changes for it
+    primary = layout is None or layout.is_primary  # of several processes, process 0 writes the files
+    if not primary:
+        out = open(os.devnull, "w")  # closed when the process ends
     _check_workdir(workdir, resume, config)
     dataset = dataset if dataset is not None else load_dataset(config.data, config.seed)
     setup = make_setup(config, dataset)
 
     workdir.mkdir(parents=True, exist_ok=True)
-    with workdir_lock(workdir), _SigintFlag() as sigint:
-        _check_workdir(workdir, resume, config)  # again, now that no other process can start here
-        atomic_write_text(workdir / "config.yaml", dump(config))
-        state, progress = init_state(setup), Progress()
+    if layout is not None:
+        layout.sync("jaxcf-workdir-checked")  # every process has checked the workdir before process 0 writes
+    with workdir_lock(workdir) if primary else contextlib.nullcontext(), _SigintFlag() as sigint:
+        if primary:
+            _check_workdir(workdir, resume, config)  # again, now that no other process can start here
+            atomic_write_text(workdir / "config.yaml", dump(config))
+        state = init_state(setup) if layout is None else layout.init(lambda: init_state(setup))
+        progress = Progress()
         with checkpoint.manager(workdir, keep=config.checkpoint.keep) as mngr:
             latest = mngr.latest_step() if resume else None
             if latest is not None:
@@ -526,7 +553,8 @@ def run(
 
             def on_epoch(state, progress, record):
                 print(format_row(record), file=out, flush=True)
-                _write_metrics(workdir, progress.history)
+                if primary:
+                    _write_metrics(workdir, progress.history)
                 every = config.checkpoint.every_epochs
                 last = progress.epoch == config.train.epochs or progress.stopped_early
                 if last or sigint.raised or (every and progress.epoch % every == 0):
@@ -537,7 +565,13 @@ def run(
 
             show = not quiet and sys.stderr.isatty()
             state, progress = fit(setup, state, progress=progress, on_epoch=on_epoch, show_progress=show)
-        export_run(setup, state, progress, workdir)
+        if layout is not None:  # the export gets host copies without the mesh's padding rows
+            logical = jax.eval_shape(lambda: init_state(setup))
+            best = progress.best_params
+            state = distributed.to_host(state, logical)
+            progress.best_params = None if best is None else distributed.to_host(best, logical.params)
+        if primary:
+            export_run(setup, state, progress, workdir)
     return progress
 
 
