@@ -14,7 +14,8 @@ The export is the usual ``WORKDIR/model`` folder (``jaxcf.export``) with every t
 leading member axis (``user_embedding`` float32[K, U, F], ...), and ``metadata.json["model"]`` holding
 ``ensemble_size`` K and ``ensemble_method``. The ensemble's prediction is the mean of the members'
 predictions (for biased members, the mean of their scaled sigmoids). The last record of
-``metrics.jsonl`` is the exported ensemble's, with ranking metrics (``jaxcf.ranking``) beside RMSE.
+``metrics.jsonl`` (``"final": true``) is the exported ensemble's, with ranking metrics
+(``jaxcf.ranking``) beside RMSE.
 
 Ensemble runs write no resumable checkpoints: ``--resume`` is refused with a one-line error.
 
@@ -350,11 +351,13 @@ def run(
         start = time.perf_counter()
         trained = fit(config, dataset, on_epoch=on_epoch, show_progress=not quiet and sys.stderr.isatty())
         train_seconds = time.perf_counter() - start
-        # The closing record is the exported ensemble's (for early stopping: its best epoch), scored
-        # exactly as a loaded model scores it, with the ranking metrics beside RMSE.
-        final = {"epoch": trained.epoch, "final": True, "members": trained.size, **final_metrics(trained, dataset),
+        # The closing record is the exported ensemble's, scored exactly as a loaded model scores it,
+        # with the ranking metrics beside RMSE: the last epoch's record completed, or, when early
+        # stopping exported an earlier epoch, a copy of that epoch's record completed and appended.
+        exported = next(r for r in reversed(history) if r["epoch"] == trained.epoch)
+        final = {**exported, "final": True, "members": trained.size, **final_metrics(trained, dataset),
                  "train_seconds_total": train_seconds}
-        trained.history = [*history, final]
+        trained.history = [*history[:-1], final] if exported is history[-1] else [*history, final]
         _write_metrics(workdir, trained.history)
         export_ensemble(trained, config, dataset, workdir)
     print(
