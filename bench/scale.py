@@ -1,14 +1,16 @@
 """Scale benchmark: row-sparse training on synthetic ratings shaped like MovieLens-20M.
 
-    python bench/scale.py [--ratings 1e6,5e6,2e7] [--batch-size 65536] [--epochs 2]
+    python bench/scale.py [--ratings 1e6,5e6,2e7] [--batch-size 262144] [--epochs 2]
                           [--optimizer lazy_adam] [--csv-dir DIR] [--json PATH]
+
+Default batch 262,144, learning rate 1e-2, 50 factors, seed 0.
 
 For each size, a fresh child process (so that peak RSS is per size) does what a user's run does:
 
 1. synthesize the ratings once (seeded) and write them as a CSV, ``userId,movieId,rating,timestamp``
    like ML-20M's ``ratings.csv``; the file is cached in ``--csv-dir`` and reused by later runs;
-2. read it with ``jaxcf.data.load_csv`` (pyarrow + ``pandas.factorize``), timed, with the file's
-   sha256 (which ``load_csv`` computes for provenance) timed on its own as well;
+2. read it with ``jaxcf.data.load_csv`` (pyarrow + ``pandas.factorize``), timed; at the end of
+   the run its parts (sha256 of the file, pyarrow's read, conversion, factorize) are timed apart;
 3. split 80/20 as the notebook does, and train the biased model (50 factors) with a row-sparse
    optimizer for ``--epochs`` epochs: compilation is timed apart from the epochs (ahead-of-time
    ``lower().compile()``), the epoch's shuffle (``jaxcf.train.shuffle_order``) apart from the
@@ -19,21 +21,23 @@ excluded; ``ratings_per_s_with_shuffle`` includes it). ``peak_rss_bytes`` is the
 resident set over everything above (generation, CSV, loading, training).
 
 The synthetic data: 138,493 users and 26,744 items (ML-20M's counts). Item popularity is a
-shifted Zipf law, weight ``(rank + 300) ** -2``: at 20M ratings the top item gets about 67k
-ratings (ML-20M's top movie: 67,310) and the median item about 33. User activity is log-normal
-(sigma 1.2, so the mean is about twice the median, as in ML-20M). Ratings come from a planted
-biased low-rank model (rank 8) plus noise, rounded to half stars in [0.5, 5] (overall standard
-deviation about 1.05, like ML-20M), so the validation RMSE shows whether training learns anything:
-predicting the global mean scores about 1.07. (user, item) pairs may repeat; ``load_csv`` keeps
-each row as its own rating.
+shifted Zipf law, weight ``(rank + 300) ** -2``; user activity is log-normal (sigma 1.2). Checked
+on the 20M file (seed 0): the top item has 67,170 ratings (ML-20M's top movie: 67,310), the median
+item 33; users rate 144.5 items on average, median 70 (ML-20M: 144 and 68; but here some users have
+a single rating and the most active 20,671, where ML-20M has at least 20 and at most 9,254).
+Ratings come from a planted biased low-rank model (rank 8) plus Gaussian noise (sd 0.7), rounded
+to half stars in [0.5, 5]: mean 3.48, sd 1.01 (ML-20M: 3.53, 1.05). Predicting the global mean
+scores a validation RMSE of 1.01 and the noise alone about 0.71, so the RMSE shows whether training
+learns. (user, item) pairs may repeat; ``load_csv`` keeps each row as its own rating.
 
-Why a batch of 65,536 by default: a row-sparse step costs a fixed dispatch and two id scans
-per batch plus work per rating, so small batches pay the fixed part too often; above ~64k the
-work per rating dominates and larger batches only mean fewer updates per epoch. Adam's step
-size does not grow with the batch, so the default learning rate is 1e-2 (not the notebook's 1e-3)
-to make one epoch at this batch size learn. This is a throughput benchmark of ``lazy_adam``, a
-different optimizer from the notebook's dense Adam; its RMSE figures are a sanity check, not a
-tuned result.
+Why a batch of 262,144 by default: a row-sparse step costs a fixed part per batch (for tables a
+batch covers well, ``lazy_adam`` computes every row and keeps the untouched ones: see
+``jaxcf.optim.RowSparse.dense_rows_per_id``) plus gathers and scatters per rating, so larger
+batches amortise the fixed part. Measured here at 5M ratings: 0.50M ratings/s at 262,144 against
+0.34M at 65,536 (load average about 5). Adam's step size does not grow with the batch, so the
+default learning rate is 1e-2 (not the notebook's 1e-3) to make two epochs at this batch size
+learn. This is a throughput benchmark of ``lazy_adam``, a different optimizer from the notebook's
+dense Adam; its RMSE figures are a sanity check, not a tuned result.
 
 What does not live here: the optimizers (``jaxcf.optim``) and the epoch (``jaxcf.train``).
 """
@@ -75,7 +79,7 @@ def synthesize(num_ratings: int, seed: int) -> dict[str, np.ndarray]:
     user_weight = rng.lognormal(0.0, USER_SIGMA, NUM_USERS)
     item_cdf = np.cumsum(item_weight) / item_weight.sum()
     user_cdf = np.cumsum(user_weight) / user_weight.sum()
-    # The planted model: rating ~ 3.5 + b_u + b_i + <x_u, y_i> + noise.
+    # The planted model: rating ~ 3.5 + b_u + b_i + <x_u, y_i> + noise, rounded to half stars.
     user_bias = rng.normal(0.0, 0.4, NUM_USERS)
     item_bias = rng.normal(0.0, 0.5, NUM_ITEMS)
     user_factors = rng.normal(0.0, (0.25 / RANK) ** 0.25, (NUM_USERS, RANK))
@@ -140,14 +144,10 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
     from jaxcf import evaluate, models, optim, train
     from jaxcf.config import OptimConfig
     from jaxcf.data import load_csv, random_split
-    from jaxcf.data.ratings import file_sha256
 
     start = time.perf_counter()
-    file_sha256(path)
-    record["sha256_s"] = time.perf_counter() - start
-    start = time.perf_counter()
     ratings = load_csv(path)
-    record["load_csv_s"] = time.perf_counter() - start  # includes the sha256 above, computed again
+    record["load_csv_s"] = time.perf_counter() - start
     record["rss_after_load_bytes"] = machine.peak_rss_bytes()
     record["num_users"], record["num_items"] = ratings.num_users, ratings.num_items
 
@@ -185,10 +185,10 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
         if epoch > 0:
             order = _sync(train.shuffle_order(shuffle_key, epoch, num_train))
         shuffle_s = first_shuffle_s if epoch == 0 else time.perf_counter() - start
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         state, losses = compiled(state, users, items, targets, order)
         losses = np.asarray(losses)  # the epoch's one host sync
-        epoch_s = time.perf_counter() - start
+        epoch_s, epoch_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         start = time.perf_counter()
         predictions = evaluate.predict_chunked(predict_fn, state.params, valid[0], valid[1], 1 << 20)
         valid_s = time.perf_counter() - start
@@ -196,6 +196,7 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
             "epoch": epoch + 1,
             "shuffle_s": shuffle_s,
             "epoch_s": epoch_s,
+            "epoch_cpu_s": epoch_cpu_s,  # CPU seconds of this process (all threads) during the epoch
             "valid_s": valid_s,
             "train_loss_mean": float(np.mean(losses, dtype=np.float64)),
             "valid_rmse": evaluate.rmse(predictions, valid[2]),
@@ -207,6 +208,11 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
     timed = epochs[1:] if len(epochs) > 1 else epochs
     epoch_s = float(np.median([e["epoch_s"] for e in timed]))
     shuffle_s = float(np.median([e["shuffle_s"] for e in epochs[1:]])) if len(epochs) > 1 else None
+    # For comparison with jaxcf.train.shuffle_order (jax.random.permutation, a sort on the device):
+    # the same kind of seeded permutation drawn on the host with NumPy.
+    start = time.perf_counter()
+    np.random.default_rng([args.seed, 1]).permutation(num_train)
+    record["numpy_permutation_s"] = time.perf_counter() - start
     record.update(
         batch_size=args.batch_size,
         num_batches=train.num_batches(num_train, args.batch_size),
@@ -218,12 +224,41 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
         epochs=epochs,
         epoch_s=epoch_s,
         ratings_per_s=num_train / epoch_s,
+        # Under contention wall time inflates; CPU time per rating is the steadier figure to compare runs.
+        ratings_per_cpu_s=num_train / float(np.median([e["epoch_cpu_s"] for e in timed])),
         ratings_per_s_with_shuffle=None if shuffle_s is None else num_train / (epoch_s + shuffle_s),
         peak_rss_bytes=machine.peak_rss_bytes(),
         load_average_after=machine.load_average(),
         device=machine.jax_device(),
     )
+    # Last, so that reading the file again does not count in the peak RSS above.
+    del state, users, items, targets, compiled, order
+    record["load_csv_parts_s"] = time_load_parts(path)
     return record
+
+
+def time_load_parts(path: Path) -> dict[str, float]:
+    """Where ``load_csv``'s time goes: the pieces it is made of, timed one by one."""
+    import pandas as pd
+
+    from jaxcf.data.ratings import file_sha256, read_table
+
+    parts = {}
+    start = time.perf_counter()
+    file_sha256(path)
+    parts["sha256"] = time.perf_counter() - start
+    start = time.perf_counter()
+    table = read_table(path, ["userId", "movieId", "rating"])
+    parts["pyarrow_read_csv"] = time.perf_counter() - start
+    start = time.perf_counter()
+    columns = {name: table.column(name).to_numpy() for name in ("userId", "movieId", "rating")}
+    parts["to_numpy"] = time.perf_counter() - start
+    del table
+    start = time.perf_counter()
+    pd.factorize(columns["userId"])
+    pd.factorize(columns["movieId"])
+    parts["factorize_ids"] = time.perf_counter() - start
+    return parts
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -252,7 +287,7 @@ def positive_int(text: str) -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratings", type=parse_sizes, default=[20_000_000], help="sizes, e.g. 1e6,5e6,2e7")
-    parser.add_argument("--batch-size", type=positive_int, default=65_536)
+    parser.add_argument("--batch-size", type=positive_int, default=262_144)
     parser.add_argument("--epochs", type=positive_int, default=2, help="the first is reported, the later timed")
     parser.add_argument("--optimizer", choices=("lazy_adam", "sgd"), default="lazy_adam")
     parser.add_argument("--learning-rate", type=float, default=1e-2)
