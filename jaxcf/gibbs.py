@@ -13,8 +13,9 @@ item vector. The posterior mean of a rating is estimated by averaging the predic
 samples, which is exactly an ensemble of dot models: member ``k`` has ``user_embedding[k] = [U, 1]``
 and ``item_embedding[k] = [V, mean]``, so ``<user row, item row> = <U_u, V_i> + mean``.
 
-The per-row sums ``sum_i V_i V_i^T`` are accumulated by a scan over chunks of ratings, so memory is
-``rows * F * F`` plus one chunk's outer products, not one ``F x F`` matrix per rating.
+The per-row sums ``sum_i V_i V_i^T`` are two matrix products with a dense count matrix when the
+table is small (ml-latest-small, ml-100k), else a scan over chunks of ratings (memory ``rows * F * F``
+plus one chunk's outer products, not one ``F x F`` matrix per rating).
 
 What does not live here: the workdir, export and CLI (``jaxcf.ensemble``), SGD training
 (``jaxcf.train``, ``jaxcf.members``).
@@ -42,21 +43,42 @@ BETA0 = 2.0
 
 
 class Side(NamedTuple):
-    """The ratings seen from one side: for each rating, its own row and the other side's row."""
+    """The ratings seen from one side, in one of two forms (the other form's fields are None).
 
-    own: jax.Array  # int32[chunks, CHUNK] row ids on this side; padding holds num_rows (dropped)
-    other: jax.Array  # int32[chunks, CHUNK] row ids on the other side; padding holds 0
-    targets: jax.Array  # float32[chunks, CHUNK] centred ratings; padding holds 0
+    Dense, for small tables: ``counts`` and ``sums`` float32[num_rows, num_other], how many ratings
+    each pair has (0 or 1, more for a repeated pair) and the sum of their centred values; the per-row
+    sums are then two matrix products. Chunked, for any size: ``own``, ``other`` int32[chunks, CHUNK]
+    row ids of each rating on this and the other side (padding: own = num_rows, dropped) and
+    ``targets`` float32[chunks, CHUNK] centred ratings (padding 0); the sums are scatter-adds.
+    """
+
+    counts: jax.Array | None = None
+    sums: jax.Array | None = None
+    own: jax.Array | None = None
+    other: jax.Array | None = None
+    targets: jax.Array | None = None
 
 
-def _side(own: np.ndarray, other: np.ndarray, targets: np.ndarray, num_rows: int) -> Side:
+# Up to this many (row, other row) cells, a side is held dense: ml-latest-small (671 x 9,066) and
+# ml-100k are, ml-1m is not. Two float32 matrices per side; the products replace scatter-adds of
+# F * F floats per rating, which dominate a sweep on a CPU.
+DENSE_CELLS = 1 << 24
+
+
+def _side(own: np.ndarray, other: np.ndarray, targets: np.ndarray, num_rows: int, num_other: int) -> Side:
+    if num_rows * num_other <= DENSE_CELLS:
+        counts = np.zeros((num_rows, num_other), np.float32)
+        sums = np.zeros((num_rows, num_other), np.float64)
+        np.add.at(counts, (own, other), 1.0)
+        np.add.at(sums, (own, other), targets)
+        return Side(counts=jnp.asarray(counts), sums=jnp.asarray(sums, jnp.float32))
     n = len(own)
     chunks = max(1, -(-n // CHUNK))
     pad = chunks * CHUNK - n
     return Side(
-        jnp.asarray(np.pad(own, (0, pad), constant_values=num_rows).reshape(chunks, CHUNK), jnp.int32),
-        jnp.asarray(np.pad(other, (0, pad)).reshape(chunks, CHUNK), jnp.int32),
-        jnp.asarray(np.pad(targets, (0, pad)).reshape(chunks, CHUNK), jnp.float32),
+        own=jnp.asarray(np.pad(own, (0, pad), constant_values=num_rows).reshape(chunks, CHUNK), jnp.int32),
+        other=jnp.asarray(np.pad(other, (0, pad)).reshape(chunks, CHUNK), jnp.int32),
+        targets=jnp.asarray(np.pad(targets, (0, pad)).reshape(chunks, CHUNK), jnp.float32),
     )
 
 
@@ -118,6 +140,11 @@ def normal_equations(other_factors: jax.Array, side: Side, num_rows: int) -> tup
       (gram float32[num_rows, F, F], rhs float32[num_rows, F]).
     """
     size = other_factors.shape[1]
+    if side.counts is not None:
+        outer = (other_factors[:, :, None] * other_factors[:, None, :]).reshape(-1, size * size)
+        highest = jax.lax.Precision.HIGHEST  # exact float32 sums on accelerators too (no TF32)
+        gram = jnp.matmul(side.counts, outer, precision=highest).reshape(num_rows, size, size)
+        return gram, jnp.matmul(side.sums, other_factors, precision=highest)
 
     def add_chunk(carry, chunk):
         gram, rhs = carry
@@ -225,8 +252,8 @@ def fit(config: Config, dataset: Dataset, on_epoch: Callable[[dict], None] | Non
     kept = set(kept_sweeps(config.train.epochs, config.ensemble.burn_in, size // chains))
     mean = float(np.mean(ratings.ratings[train], dtype=np.float64))
     centred = ratings.ratings[train].astype(np.float64) - mean
-    user_side = _side(ratings.users[train], ratings.items[train], centred, ratings.num_users)
-    item_side = _side(ratings.items[train], ratings.users[train], centred, ratings.num_items)
+    user_side = _side(ratings.users[train], ratings.items[train], centred, ratings.num_users, ratings.num_items)
+    item_side = _side(ratings.items[train], ratings.users[train], centred, ratings.num_items, ratings.num_users)
     sweep = make_sweep(user_side, item_side, config.ensemble.noise_precision)
 
     root = jax.random.key(config.seed)

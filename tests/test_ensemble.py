@@ -213,3 +213,18 @@ def test_load_model_predicts_and_recommends_with_the_ensemble(seeds_run, capsys)
     np.testing.assert_allclose(ranking.scores[0], scores.max(), rtol=1e-5)
     assert recommend.main(["--model", str(seeds_run), "--user", str(raw_users[0]), "--k", "2"]) == 0
     assert "top 2 for user" in capsys.readouterr().out
+
+
+def test_dense_and_chunked_normal_equations_agree(monkeypatch):
+    rng = np.random.default_rng(3)
+    # Repeated (row, other) pairs must count as often as they occur in both forms.
+    own, other, targets = rng.integers(0, 7, 60), rng.integers(0, 5, 60), rng.normal(size=60)
+    factors = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+    dense = gibbs._side(own, other, targets, 7, 5)
+    monkeypatch.setattr(gibbs, "DENSE_CELLS", 0)
+    chunked = gibbs._side(own, other, targets, 7, 5)
+    assert dense.counts is not None and chunked.counts is None and float(dense.counts.max()) > 1
+    for a, b in zip(gibbs.normal_equations(factors, dense, 7), gibbs.normal_equations(factors, chunked, 7)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    expected = sum(np.outer(factors[j], factors[j]) for o, j in zip(own, other) if o == 2)
+    np.testing.assert_allclose(np.asarray(gibbs.normal_equations(factors, chunked, 7)[0][2]), expected, rtol=1e-5)
