@@ -88,6 +88,9 @@ class PackedGroup(NamedTuple):
 
     slots: tuple[jax.Array, ...]  # each float32[num_rows, width]
     count: jax.Array | None  # int32[num_rows]
+    # int32[num_rows] scratch for finding repeated ids (see owners); carried from step to step so
+    # that a step costs O(batch), not a fill of a table-sized array. Its contents do not matter.
+    scratch: jax.Array | None = None
 
 
 class RowSparse(NamedTuple):
@@ -167,7 +170,10 @@ def pack(optimizer: RowSparse, params: Mapping[str, jax.Array], state: Any) -> P
         columns = [_side_by_side([params[n] for n in present])]
         columns += [_side_by_side(tables_of_slot) for tables_of_slot in slot_tables]
         # Tables of one id kind share their count: a row of each is touched by the same batches.
-        groups[group] = PackedGroup(tuple(columns), counts[0] if optimizer.counted else None)
+        num_rows = columns[0].shape[0]
+        groups[group] = PackedGroup(
+            tuple(columns), counts[0] if optimizer.counted else None, jnp.zeros((num_rows,), jnp.int32)
+        )
     return Packed(groups, tuple(names), tuple(widths))
 
 
@@ -245,26 +251,27 @@ def table_rows(packed: Packed, group_rows: Mapping[str, jax.Array]) -> dict[str,
     }
 
 
-def owners(ids: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+def owners(ids: jax.Array, scratch: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """For each batch position, the position that owns its id; without sorting.
 
     Args:
       ids: int32[b] row ids; negative ids are padding.
-      num_rows: table size.
+      scratch: int32[num_rows], any contents (only entries written here are read back).
 
     Returns:
       (owner int32[b]: the position whose slot collects the gradients of ``ids[j]`` (a padding
-       position owns itself), is_owner bool[b]: true at exactly one position per distinct real id).
+       position owns itself), is_owner bool[b]: true at exactly one position per distinct real id,
+       the scratch array to pass to the next call).
     """
-    b = ids.shape[0]
-    position = jnp.arange(b, dtype=jnp.int32)
+    num_rows = scratch.shape[0]
+    position = jnp.arange(ids.shape[0], dtype=jnp.int32)
     real = ids >= 0
     safe = jnp.where(real, ids, num_rows)
     # With repeated ids one of the writes wins (which one does not matter: every position reads
-    # back the same winner). Stale entries of the scratch table are never read.
-    scratch = jnp.zeros((num_rows,), jnp.int32).at[safe].set(position, mode="drop")
+    # back the same winner). Entries from earlier batches are never read.
+    scratch = scratch.at[safe].set(position, mode="drop")
     owner = jnp.where(real, scratch.at[safe].get(mode="fill", fill_value=0), position)
-    return owner, real & (owner == position)
+    return owner, real & (owner == position), scratch
 
 
 def sparse_update(
@@ -290,7 +297,8 @@ def sparse_update(
     num_rows = group.slots[0].shape[0]
     if num_rows <= optimizer.dense_rows_per_id * ids.shape[0]:
         return _dense_update(optimizer, group, ids, grads)
-    owner, is_owner = owners(ids, num_rows)
+    scratch = group.scratch if group.scratch is not None else jnp.zeros((num_rows,), jnp.int32)
+    owner, is_owner, scratch = owners(ids, scratch)
     summed = jax.ops.segment_sum(grads, owner, num_segments=ids.shape[0])
     safe = jnp.maximum(ids, 0)
     if gathered is None:
@@ -305,7 +313,7 @@ def sparse_update(
     )
     if count is not None:
         count = group.count.at[target].set(new_count, mode="drop", unique_indices=True)
-    return PackedGroup(slots, count)
+    return PackedGroup(slots, count, scratch)
 
 
 def _dense_update(optimizer: RowSparse, group: PackedGroup, ids: jax.Array, grads: jax.Array) -> PackedGroup:
@@ -322,7 +330,7 @@ def _dense_update(optimizer: RowSparse, group: PackedGroup, ids: jax.Array, grad
     new_rows, new_count = optimizer.update_rows(group.slots, group.count, summed)
     slots = tuple(jnp.where(touched[:, None], new, old) for new, old in zip(new_rows, group.slots))
     count = None if group.count is None else jnp.where(touched, new_count, group.count)
-    return PackedGroup(slots, count)
+    return PackedGroup(slots, count, group.scratch)
 
 
 def sparse_step(
