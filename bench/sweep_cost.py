@@ -86,33 +86,38 @@ def time_epochs(config_name: str, models: int, overrides: list[str], repeats: in
     n = len(rows)
     order = train.shuffle_order(jax.random.key(0), 0, n)
 
-    def timed(fn, state, *args) -> tuple[float, list[float]]:
+    def timed(fn, state, *args) -> tuple[float, list[float], list[float]]:
         start = time.perf_counter()
         compiled = fn.lower(state, *args).compile()
         compile_s = time.perf_counter() - start
-        times = []
+        times, cpu_times = [], []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             state, losses = compiled(state, *args)
             jax.block_until_ready(losses)
             times.append(time.perf_counter() - start)
-        return compile_s, times
+            # CPU time of all this process's threads: on a loaded machine, wall time also counts the
+            # time XLA's threads wait for each other while descheduled.
+            cpu_times.append(time.process_time() - cpu)
+        return compile_s, times, cpu_times
 
     single_fn = train.make_train_epoch(setup.optimizer, setup.y_range, config.train.batch_size)
-    single_compile, single = timed(single_fn, train.init_state(setup), users, items, targets, order)
+    single_compile, single, single_cpu = timed(single_fn, train.init_state(setup), users, items, targets, order)
 
     seeds = [members.Member(jconfig.load(config_name, [*overrides, f"seed={42 + k}"]), {}) for k in range(models)]
     tx = members.make_optimizer(config, train.num_batches(n, config.train.batch_size))
     state = members.init_members(setup, seeds, tx)
     members_fn = members.make_members_epoch(tx, setup.y_range, config.train.batch_size)
     orders = jnp.stack([order] * models)
-    members_compile, many = timed(members_fn, state, jnp.zeros(models), users, items, targets, orders)
+    members_compile, many, many_cpu = timed(members_fn, state, jnp.zeros(models), users, items, targets, orders)
     return {
         "one_model_epoch_s": statistics.median(single),
         "one_model_compile_s": single_compile,
         "members_epoch_s": statistics.median(many),
         "members_compile_s": members_compile,
         "members_epoch_s_per_model": statistics.median(many) / models,
+        "one_model_epoch_cpu_s": statistics.median(single_cpu),
+        "members_epoch_cpu_s": statistics.median(many_cpu),
     }
 
 
@@ -140,6 +145,8 @@ def main() -> None:
     print(f"device {result['device']}, load average {result['load_average_before']} -> {result['load_average_after']}")
     print(f"one epoch: 1 model {result['one_model_epoch_s']:.3f}s; {k} models in one program "
           f"{result['members_epoch_s']:.3f}s ({result['members_epoch_s_per_model']:.3f}s per model)")
+    print(f"one epoch, CPU time: 1 model {result['one_model_epoch_cpu_s']:.3f}s; {k} models "
+          f"{result['members_epoch_cpu_s']:.3f}s")
     print(f"compile: 1 model {result['one_model_compile_s']:.2f}s; {k} models {result['members_compile_s']:.2f}s")
     if not args.skip_commands:
         print(f"{k} separate train commands: wall {result['separate_runs_wall_s']:.1f}s, "
