@@ -72,7 +72,9 @@ def measure(args: argparse.Namespace, dataset, optimizer: str, data: int, model:
     setup = train.make_setup(config, dataset)
     ratings, rows = dataset.ratings, setup.train_rows
     shuffle_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    orders = [np.asarray(train.shuffle_order(shuffle_key, e, len(rows)))[: args.ratings] for e in range(args.epochs)]
+    orders = [
+        train.shuffle_order(shuffle_key, e, len(rows), args.batch_size)[: args.ratings] for e in range(args.epochs)
+    ]
     num_ratings = len(orders[0])
     layout = distributed.make_layout(config)
     record = {"optimizer": optimizer, "mesh": f"{data}x{model}", "data": data, "model": model,

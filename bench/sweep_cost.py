@@ -81,10 +81,10 @@ def time_epochs(config_name: str, models: int, overrides: list[str], repeats: in
     config = jconfig.load(config_name, overrides)
     dataset = data.load(config.data, config.seed)
     setup = train.make_setup(config, dataset)
-    ratings, rows = dataset.ratings, dataset.split.train
+    ratings, rows = dataset.ratings, setup.train_rows
     users, items, targets = (jnp.asarray(x[rows]) for x in (ratings.users, ratings.items, ratings.ratings))
     n = len(rows)
-    order = train.shuffle_order(jax.random.key(0), 0, n)
+    order = train.shuffle_order(jax.random.key(0), 0, n, config.train.batch_size)
 
     def timed(fn, state, *args) -> tuple[float, list[float], list[float]]:
         start = time.perf_counter()

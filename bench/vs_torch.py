@@ -66,7 +66,7 @@ def time_jaxcf(repeats: int) -> dict:
         jax.numpy.asarray(ratings.users[rows]),
         jax.numpy.asarray(ratings.items[rows]),
         jax.numpy.asarray(ratings.ratings[rows]),
-        train.shuffle_order(jax.random.key(0), 0, len(rows)),
+        train.shuffle_order(jax.random.key(0), 0, len(rows), config.train.batch_size),
     )
     start = time.perf_counter()
     train.make_train_epoch(setup.optimizer, setup.y_range, config.train.batch_size).lower(*args).compile()

@@ -250,7 +250,7 @@ def fit_members(
         raise ConfigError("members of one program may differ only in seed and " + ", ".join(VMAPPED))
     setup = train.make_setup(config, dataset)
     ratings = dataset.ratings
-    train_rows, valid_rows = dataset.split.train, dataset.split.valid
+    train_rows, valid_rows = setup.train_rows, dataset.split.valid
     n = len(train_rows)
     tx = make_optimizer(config, train.num_batches(n, config.train.batch_size))
     state = init_members(setup, members, tx)
@@ -270,7 +270,7 @@ def fit_members(
                file=sys.stderr)
     for epoch in range(config.train.epochs):
         start = time.perf_counter()
-        orders = jnp.stack([train.shuffle_order(key, epoch, n) for key in shuffle_keys])
+        orders = np.stack([train.shuffle_order(key, epoch, n, config.train.batch_size) for key in shuffle_keys])
         state, losses = epoch_fn(state, row_l2, users, items, targets, orders)
         losses = np.asarray(losses)  # the one host sync of the epoch
         train_seconds = time.perf_counter() - start

@@ -295,8 +295,8 @@ def sparse_update(
       The updated group.
     """
     num_rows = group.slots[0].shape[0]
-    if num_rows <= optimizer.dense_rows_per_id * ids.shape[0]:
-        return _dense_update(optimizer, group, ids, grads)
+    if updates_densely(optimizer, group, ids.shape[0]):
+        return apply_dense(optimizer, group, accumulate(zero_accumulator(group), ids, grads))
     scratch = group.scratch if group.scratch is not None else jnp.zeros((num_rows,), jnp.int32)
     owner, is_owner, scratch = owners(ids, scratch)
     summed = jax.ops.segment_sum(grads, owner, num_segments=ids.shape[0])
@@ -316,21 +316,45 @@ def sparse_update(
     return PackedGroup(slots, count, scratch)
 
 
-def _dense_update(optimizer: RowSparse, group: PackedGroup, ids: jax.Array, grads: jax.Array) -> PackedGroup:
+def updates_densely(optimizer: RowSparse, group: PackedGroup, batch_size: int) -> bool:
+    """Whether a step of ``batch_size`` ids updates ``group`` densely (``RowSparse.dense_rows_per_id``)."""
+    return group.slots[0].shape[0] <= optimizer.dense_rows_per_id * batch_size
+
+
+def accumulate(
+    acc: tuple[jax.Array, jax.Array], ids: jax.Array, grads: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Adds a batch's row gradients into a table-sized sum, and marks the rows it touches.
+
+    Args:
+      acc: (float32[num_rows, width] summed gradients, bool[num_rows] touched).
+      ids: int32[b]; negative ids are padding and go nowhere.
+      grads: float32[b, width].
+    """
+    summed, touched = acc
+    safe = jnp.where(ids >= 0, ids, summed.shape[0])  # padding goes out of range and is dropped
+    # On CPU this adds in batch order, as the row-wise path's segment_sum does: the same sums.
+    return summed.at[safe].add(grads, mode="drop"), touched.at[safe].set(True, mode="drop")
+
+
+def apply_dense(optimizer: RowSparse, group: PackedGroup, acc: tuple[jax.Array, jax.Array]) -> PackedGroup:
     """The row-sparse step computed for every row, with untouched rows kept as they were.
 
     Cheaper than gathering and scattering the touched rows when the batch touches a large part of
     the table: XLA's scatters cost several times a streaming pass per row on CPU.
+
+    Args:
+      acc: from :func:`accumulate`, starting at zeros and False.
     """
-    num_rows = group.slots[0].shape[0]
-    safe = jnp.where(ids >= 0, ids, num_rows)  # padding goes out of range and is dropped
-    # On CPU this adds in batch order, as the row-wise path's segment_sum does: the same sums.
-    summed = jnp.zeros_like(group.slots[0]).at[safe].add(grads, mode="drop")
-    touched = jnp.zeros((num_rows,), bool).at[safe].set(True, mode="drop")
+    summed, touched = acc
     new_rows, new_count = optimizer.update_rows(group.slots, group.count, summed)
     slots = tuple(jnp.where(touched[:, None], new, old) for new, old in zip(new_rows, group.slots))
     count = None if group.count is None else jnp.where(touched, new_count, group.count)
     return PackedGroup(slots, count, group.scratch)
+
+
+def zero_accumulator(group: PackedGroup) -> tuple[jax.Array, jax.Array]:
+    return jnp.zeros_like(group.slots[0]), jnp.zeros((group.slots[0].shape[0],), bool)
 
 
 def sparse_step(

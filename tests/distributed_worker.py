@@ -54,7 +54,7 @@ COMMON = ["train.epochs=2", "model.n_factors=8"]
 def subset_orders(config: cfg.Config, num_train: int):
     """The seeded shuffle of each epoch, cut to its first SUBSET positions (as the test's reference)."""
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    return lambda epoch: np.asarray(train.shuffle_order(key, epoch, num_train))[:SUBSET]
+    return lambda epoch: train.shuffle_order(key, epoch, num_train, config.train.batch_size)[:SUBSET]
 
 
 # Cases whose compiled epoch is compiled a second time for its memory analysis (a dense and a

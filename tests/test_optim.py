@@ -274,3 +274,31 @@ def test_dense_optimizers_match_torch_formulas(name):
         v = B2 * v + (1 - B2) * g * g
         p = p - LR * (m / (1 - B1**t)) / (np.sqrt(v / (1 - B2**t)) + EPS)
     np.testing.assert_allclose(params["w"], p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["lazy_adam", "sgd"])
+def test_chunked_dense_step_is_the_same_step(name):
+    # A dense step may compute its batch's gradients a chunk at a time (train.DENSE_CHUNK): the same
+    # parameters score every chunk and the sums are added in batch order, so nothing changes.
+    rng = np.random.default_rng(12)
+    batch, num_users, num_items = 512, 40, 9
+    users = jnp.asarray(rng.integers(0, num_users, batch), jnp.int32)
+    items = jnp.asarray(np.minimum(rng.zipf(1.5, batch) - 1, num_items - 1), jnp.int32)
+    ratings = jnp.asarray(rng.integers(1, 11, batch) / 2, jnp.float32)
+    weights = jnp.asarray(np.arange(batch) < 450, jnp.float32)  # a padded last batch: 62 padding entries
+    params = {k: jnp.asarray(v * 0.3) for k, v in _tables(13, num_users=num_users, num_items=num_items).items()}
+    optimizer = optim.build(_config(name))._replace(dense_rows_per_id=float("inf"))
+    packed = optim.pack(optimizer, params, optimizer.init(params))
+    whole = jax.jit(train.make_packed_sparse_step(optimizer, (0.5, 5.0), chunk_size=0))
+    chunked = jax.jit(train.make_packed_sparse_step(optimizer, (0.5, 5.0), chunk_size=64))
+    assert "while" in chunked.lower(packed, users, items, ratings, weights).as_text()  # it does loop over chunks
+    (a, loss_a), (b, loss_b) = (f(packed, users, items, ratings, weights) for f in (whole, chunked))
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)  # the loss is summed per chunk: rounding only
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    # And it is the step the NumPy reference takes.
+    reference = NumpyLazy(name, params)
+    u, i = np.asarray(users)[:450], np.asarray(items)[:450]
+    reference.step(_numpy_row_grads(reference.params, u, i, np.asarray(ratings)[:450], np.ones(450), (0.5, 5.0)), u, i)
+    new_params, new_state = optim.unpack(optimizer, b)
+    _assert_matches(reference, new_params, new_state, rtol=2e-5, atol=1e-6)

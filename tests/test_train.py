@@ -58,6 +58,33 @@ def test_epoch_trains_every_rating_once_including_the_partial_batch():
     assert np.all(np.asarray(state.params["user_embedding"]) > 0.5)
 
 
+def test_shuffle_order_is_a_seeded_permutation_with_ascending_batches():
+    key = jax.random.key(3)
+    n, batch = 1000, 64  # 15 full batches and one of 40
+    order = train.shuffle_order(key, 0, n, batch)
+    assert order.dtype == np.int32 and np.array_equal(np.sort(order), np.arange(n))
+    batches = np.split(order, range(batch, n, batch))
+    assert len(batches) == 16 and all(np.all(np.diff(b) > 0) for b in batches)
+    # A pure function of the key and the epoch (a resumed run replays it); each epoch draws anew.
+    np.testing.assert_array_equal(order, train.shuffle_order(key, 0, n, batch))
+    assert not np.array_equal(order, train.shuffle_order(key, 1, n, batch))
+    assert not np.array_equal(order, train.shuffle_order(jax.random.key(4), 0, n, batch))
+    # Batches are random sets, not runs of neighbours: a batch spans the rows.
+    assert all(b[-1] - b[0] > n // 2 for b in batches[:-1])
+    # Every row is equally likely in every batch: position of row 0 over many epochs is spread out.
+    first_batch = [int(np.flatnonzero(train.shuffle_order(key, e, n, batch) == 0)[0]) // batch for e in range(400)]
+    counts = np.bincount(first_batch, minlength=16)
+    assert counts.min() > 0 and counts.max() < 60  # expected 25 per batch (last one 15.6)
+
+
+def test_training_rows_are_stored_by_user_keeping_file_order_within_a_user():
+    users = np.array([3, 1, 3, 0, 1, 3], np.int32)
+    rows = np.array([0, 1, 2, 4, 5])
+    np.testing.assert_array_equal(train.rows_by_user(users, rows), [1, 4, 0, 2, 5])
+    already = np.array([3, 1, 2])  # users 0, 1, 3: sorted, kept as they are
+    assert train.rows_by_user(users, already) is already
+
+
 def test_short_run_lowers_the_loss_and_writes_its_outputs(tmp_path, capsys):
     workdir = tmp_path / "run"
     assert _run(workdir, "train.epochs=2", "model.n_factors=8") == 0
