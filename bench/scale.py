@@ -14,13 +14,14 @@ For each size, a fresh child process (so that peak RSS is per size) does what a 
 3. split 80/20 as the notebook does, store the training rows by user (``jaxcf.train.rows_by_user``),
    and train the biased model (50 factors) with a row-sparse optimizer for ``--epochs`` epochs as
    ``jaxcf.train.fit`` runs them: compilation is timed apart (ahead-of-time ``lower().compile()``);
-   each epoch starts the compiled scan, draws the next epoch's order on the host meanwhile
-   (``jaxcf.train.shuffle_order``), and ends with the validation RMSE (not timed in the epoch).
+   each epoch draws its order on the host (``jaxcf.train.shuffle_order``, timed as ``order_s``),
+   runs the compiled scan, and ends with the validation RMSE (not timed in the epoch).
 
 ``ratings_per_s`` is training ratings divided by the median wall seconds of the epochs after the
-first (``epoch_s``: the scan and the overlapped drawing of the next order; ``scan_only_s`` is one
-more scan with nothing beside it). ``peak_rss_bytes`` is the child's peak resident set over
-everything above (generation, CSV, loading, training).
+first (``epoch_s``: the order and the scan). ``overlapped_epoch_s`` is one more epoch with the next
+order drawn while the scan runs, which ``fit`` does not do (slower: see BENCHMARKS.md).
+``peak_rss_bytes`` is the child's peak resident set over everything above (generation, CSV,
+loading, training).
 
 The synthetic data: 138,493 users and 26,744 items (ML-20M's counts). Item popularity is a
 shifted Zipf law, weight ``(rank + 300) ** -2``; user activity is log-normal (sigma 1.2). Checked
@@ -180,7 +181,7 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
         start = time.perf_counter()
         return train.shuffle_order(shuffle_key, epoch, num_train, args.batch_size), time.perf_counter() - start
 
-    order, first_order_s = draw(0)
+    order, _ = draw(0)
     start = time.perf_counter()
     compiled = epoch_fn.lower(state, users, items, targets, order).compile()
     record["compile_s"] = time.perf_counter() - start
@@ -188,11 +189,11 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
     predict_fn = evaluate.make_predict_fn(y_range)
     epochs = []
     for epoch in range(args.epochs):
-        # As jaxcf.train.fit runs an epoch: start it on the device, draw the next epoch's order on
-        # the host meanwhile, wait for the losses. epoch_s is all of it, wall clock.
+        # As jaxcf.train.fit runs an epoch: draw its order on the host, run the compiled scan, wait
+        # for the losses. epoch_s is all of it, wall clock.
         start, cpu_start = time.perf_counter(), time.process_time()
+        order, order_s = draw(epoch)
         state, losses = compiled(state, users, items, targets, order)
-        order, order_s = draw(epoch + 1)
         losses = np.asarray(losses)  # the epoch's one host sync
         epoch_s, epoch_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         start = time.perf_counter()
@@ -201,7 +202,7 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
         epochs.append({
             "epoch": epoch + 1,
             "epoch_s": epoch_s,
-            "order_s": order_s,  # of epoch_s: the host drawing the next order, overlapped with the device
+            "order_s": order_s,  # of epoch_s: the host drawing the order
             "epoch_cpu_s": epoch_cpu_s,  # CPU seconds of this process (all threads) during the epoch
             "valid_s": valid_s,
             "train_loss_mean": float(np.mean(losses, dtype=np.float64)),
@@ -213,12 +214,14 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
     # The first epoch runs on a cold cache and right after compilation; with 2+ epochs report the later ones.
     timed = epochs[1:] if len(epochs) > 1 else epochs
     epoch_s = float(np.median([e["epoch_s"] for e in timed]))
-    # The scan alone, without a host order drawn beside it (one more epoch, after the timed ones).
+    record["order_s"] = float(np.median([e["order_s"] for e in timed]))
+    # Drawing the next epoch's order while the device runs this one (measured slower: the two
+    # contend for memory bandwidth; jaxcf.train.fit draws it first). One more epoch, after the timed ones.
     start = time.perf_counter()
     state, losses = compiled(state, users, items, targets, order)
+    draw(args.epochs)
     np.asarray(losses)
-    record["scan_only_s"] = time.perf_counter() - start
-    record["first_order_s"] = first_order_s
+    record["overlapped_epoch_s"] = time.perf_counter() - start
     record.update(
         batch_size=args.batch_size,
         num_batches=train.num_batches(num_train, args.batch_size),

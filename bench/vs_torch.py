@@ -11,6 +11,8 @@ What is timed, each at least ``--repeats`` times (medians reported):
 - ``torch_epoch_s``: one epoch of ``reference_torch.fit`` (the notebook's loop: DataLoader with one
   worker, forward, backward, ``optim.step()`` per batch, then its validation), on CUDA when
   PyTorch sees a GPU, else on the CPU.
+- ``torch_workers0_epoch_s``: the same with the batches loaded in the main process
+  (``num_workers=0``), the faster setting on a 2-core machine; ``speedup_vs_workers0`` compares to it.
 - ``jax_epoch_s``: one epoch of ``jaxcf.train.fit`` (one compiled ``lax.scan`` over the epoch, one host
   sync, then the validation and the metrics), epochs after the first; on JAX's default backend.
 - ``*_train_s``: the same without the validation (jaxcf's own ``train_seconds``; for torch, the epoch
@@ -86,7 +88,7 @@ def time_jaxcf(repeats: int) -> dict:
     }
 
 
-def time_torch(repeats: int) -> dict:
+def time_torch(repeats: int, num_workers: int = 1) -> dict:
     import torch
     import torch.nn as nn
 
@@ -97,7 +99,9 @@ def time_torch(repeats: int) -> dict:
     df, _, _ = nb.map_ids(nb.load_ratings())
     mask = nb.split_mask(len(df), 42)
     generator = torch.Generator().manual_seed(42)
-    train_dl, valid_dl = nb.make_dataloaders(df, mask, 64, generator=torch.Generator().manual_seed(43))
+    train_dl, valid_dl = nb.make_dataloaders(
+        df, mask, 64, generator=torch.Generator().manual_seed(43), num_workers=num_workers
+    )
     model = build_model(
         "bias", int(df["userId"].max()) + 1, int(df["movieId"].max()) + 1, 50,
         min_rating=float(df["rating"].min()), max_rating=float(df["rating"].max()), generator=generator,
@@ -155,7 +159,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="epochs / CLI runs per side (medians reported)")
     parser.add_argument("--skip-cli", action="store_true", help="only the in-process epoch timings")
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)  # internal: one side, in a child
+    # internal: one side, timed in a child process
+    parser.add_argument("--side", choices=("jax", "torch", "torch-workers0"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -177,7 +182,12 @@ def run_side(side: str, repeats: int) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.side is not None:
-        timed = time_jaxcf(args.repeats) if args.side == "jax" else time_torch(args.repeats)
+        if args.side == "jax":
+            timed = time_jaxcf(args.repeats)
+        elif args.side == "torch":
+            timed = time_torch(args.repeats)
+        else:  # the same loop without the DataLoader worker process: keys prefixed torch_workers0_
+            timed = {k.replace("torch_", "torch_workers0_", 1): v for k, v in time_torch(args.repeats, 0).items()}
         args.json.write_text(json.dumps(timed))
         return 0
     result = {"benchmark": "vs_torch", "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -186,7 +196,10 @@ def main(argv=None) -> int:
     result.update(run_side("jax", args.repeats))
     print("timing reference_torch epochs ...", file=sys.stderr, flush=True)
     result.update(run_side("torch", args.repeats))
+    print("timing reference_torch epochs, batches loaded in the main process ...", file=sys.stderr, flush=True)
+    result.update(run_side("torch-workers0", args.repeats))
     result["speedup"] = result["torch_epoch_s"] / result["jax_epoch_s"]
+    result["speedup_vs_workers0"] = result["torch_workers0_epoch_s"] / result["jax_epoch_s"]
     result["speedup_train_only"] = result["torch_train_s"] / result["jax_train_s"]
     if not args.skip_cli:
         print("timing the two CLIs ...", file=sys.stderr, flush=True)
@@ -205,6 +218,8 @@ def main(argv=None) -> int:
           f"jaxcf epoch {result['jax_epoch_s']:.3f} s ({result['jax_device']}): {result['speedup']:.1f}x "
           f"(training only: {result['torch_train_s']:.3f} vs {result['jax_train_s']:.3f} s, "
           f"{result['speedup_train_only']:.1f}x); jaxcf compile {result['compile_s']:.2f} s")
+    print(f"torch epoch without the DataLoader worker {result['torch_workers0_epoch_s']:.3f} s: "
+          f"{result['speedup_vs_workers0']:.1f}x")
     if "jax_cli_s" in result:
         print(f"CLI, 5 epochs: torch {result['torch_cli_s']:.1f} s, jaxcf {result['jax_cli_s']:.1f} s "
               f"({result['cli_speedup']:.1f}x); jaxcf peak RSS {result['peak_rss_bytes'] / 1e6:.0f} MB")

@@ -169,8 +169,8 @@ def num_batches(num_ratings: int, batch_size: int) -> int:
     return -(-num_ratings // batch_size)
 
 
-def epoch_batches(users, items, ratings, order, batch_size: int) -> tuple[jax.Array, ...]:
-    """The epoch's batches as ``[num_batches, batch_size]`` arrays (users, items, ratings, weights).
+def epoch_index(order: jax.Array, batch_size: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """The epoch's batches as ``[num_batches, batch_size]`` positions and weights.
 
     The last partial batch is padded with weight-0 entries that point at a real row (so gathers
     stay in range) and contribute nothing to the loss or its gradient.
@@ -179,12 +179,25 @@ def epoch_batches(users, items, ratings, order, batch_size: int) -> tuple[jax.Ar
     batches = num_batches(n, batch_size)
     pad = batches * batch_size - n
     index = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
-    weights = jnp.concatenate([jnp.ones((n,), ratings.dtype), jnp.zeros((pad,), ratings.dtype)])
+    weights = jnp.concatenate([jnp.ones((n,), dtype), jnp.zeros((pad,), dtype)])
+    return index.reshape(batches, batch_size), weights.reshape(batches, batch_size)
+
+
+def epoch_batches(users, items, ratings, order, batch_size: int) -> tuple[jax.Array, ...]:
+    """The epoch's batches as ``[num_batches, batch_size]`` arrays (users, items, ratings, weights);
+    see :func:`epoch_index`."""
+    index, weights = epoch_index(order, batch_size, ratings.dtype)
+    return jnp.take(users, index), jnp.take(items, index), jnp.take(ratings, index), weights
+
+
+def _batch(users, items, ratings, index, weights) -> tuple[jax.Array, ...]:
+    """One batch, read inside the scan: its rows stay in cache instead of a whole epoch's batched
+    copies of the columns being written out first."""
     return (
-        jnp.take(users, index).reshape(batches, batch_size),
-        jnp.take(items, index).reshape(batches, batch_size),
-        jnp.take(ratings, index).reshape(batches, batch_size),
-        weights.reshape(batches, batch_size),
+        users.at[index].get(mode="promise_in_bounds"),
+        items.at[index].get(mode="promise_in_bounds"),
+        ratings.at[index].get(mode="promise_in_bounds"),
+        weights,
     )
 
 
@@ -198,9 +211,11 @@ def make_train_epoch(optimizer, y_range, batch_size: int) -> Callable:
         packed_step = make_packed_sparse_step(optimizer, y_range)
 
         def sparse_epoch(state, users, items, ratings, order):
-            xs = epoch_batches(users, items, ratings, order, batch_size)
+            xs = epoch_index(order, batch_size, ratings.dtype)
             packed = optim.pack(optimizer, state.params, state.opt_state)
-            packed, losses = jax.lax.scan(lambda packed, batch: packed_step(packed, *batch), packed, xs)
+            packed, losses = jax.lax.scan(
+                lambda packed, x: packed_step(packed, *_batch(users, items, ratings, *x)), packed, xs
+            )
             params, opt_state = optim.unpack(optimizer, packed)
             return TrainState(params, opt_state, state.step + xs[0].shape[0]), losses
 
@@ -209,12 +224,10 @@ def make_train_epoch(optimizer, y_range, batch_size: int) -> Callable:
     step = make_train_step(optimizer, y_range)
 
     def epoch(state, users, items, ratings, order):
-        xs = epoch_batches(users, items, ratings, order, batch_size)
+        def body(state, x):
+            return step(state, *_batch(users, items, ratings, *x))
 
-        def body(state, batch):
-            return step(state, *batch)
-
-        return jax.lax.scan(body, state, xs)
+        return jax.lax.scan(body, state, epoch_index(order, batch_size, ratings.dtype))
 
     return jax.jit(epoch, donate_argnums=(0,))
 
@@ -231,13 +244,38 @@ def shuffle_order(key: jax.Array, epoch: int, num_ratings: int, batch_size: int)
     row order: on CPU, twice as fast as random rows at large batches (``BENCHMARKS.md``).
 
     Drawn on the host: ``jax.random.permutation`` is a sort on XLA's CPU backend, 20x slower (22 s
-    against 1.2 s for 16M positions).
+    against 1.2 s for 16M positions with NumPy's ``permutation``, 0.75 s with :func:`_permutation`).
     """
     seed = np.asarray(jax.random.key_data(jax.random.fold_in(key, epoch))).ravel()
-    order = np.random.default_rng(seed).permutation(num_ratings).astype(np.int32)
+    order = _permutation(np.random.default_rng(seed), num_ratings)
     full = num_ratings - num_ratings % batch_size
     order[:full].reshape(-1, batch_size).sort(axis=1)
     order[full:].sort()
+    return order
+
+
+# Positions per bucket of _permutation: 256 KB of int32, which a core's L2 cache holds.
+SHUFFLE_BUCKET = 1 << 16
+
+
+def _permutation(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A uniformly random permutation of ``range(n)`` as int32, by Rao and Sandelius's method.
+
+    Each position goes to one of ``ceil(n / SHUFFLE_BUCKET)`` buckets uniformly at random, the
+    buckets are laid end to end, and each is shuffled (Fisher-Yates) on its own. The result is
+    uniform over all permutations (Sandelius 1962; Rao 1961), and each shuffle works inside the
+    cache instead of swapping across all of memory: 0.75 s against NumPy's ``permutation`` 1.2 s
+    for 16M positions on a 2-core CPU (``bench/step_parts.py``).
+    """
+    buckets = -(-n // SHUFFLE_BUCKET)
+    if buckets <= 1:
+        order = np.arange(n, dtype=np.int32)
+        rng.shuffle(order)
+        return order
+    label = rng.integers(0, buckets, n, dtype=np.uint16)  # at most 65,535 buckets: 4 billion positions
+    order = np.argsort(label, kind="stable").astype(np.int32)  # a radix sort of 16-bit keys
+    for bucket in np.split(order, np.cumsum(np.bincount(label, minlength=buckets))[:-1]):
+        rng.shuffle(bucket)  # a view: shuffled in place
     return order
 
 
@@ -246,7 +284,11 @@ def rows_by_user(users: np.ndarray, rows: np.ndarray) -> np.ndarray:
     keys = users[rows]
     if np.all(keys[1:] >= keys[:-1]):
         return rows
-    return rows[np.argsort(keys, kind="stable")]
+    # A stable argsort as one sort of (user, position) pairs: NumPy's vectorised int64 sort, 4x
+    # faster than argsort(kind="stable") for 16M rows.
+    pairs = (keys.astype(np.int64) << 32) | np.arange(len(rows), dtype=np.int64)
+    pairs.sort()
+    return rows[pairs & 0xFFFFFFFF]
 
 
 # ------------------------------------------------------------------------------------- fit
@@ -385,15 +427,13 @@ def fit(
             return np.asarray(orders(epoch), np.int32)
         return shuffle_order(shuffle_key, epoch, len(train), config.train.batch_size)
 
-    order = None
     for epoch in range(progress.epoch, config.train.epochs):
         if progress.stopped_early:
             break
         start = time.perf_counter()
-        order = order_of(epoch) if order is None else order
-        state, losses = epoch_fn(state, users, items, targets, order)  # returns before the epoch ends
-        # The host draws the next epoch's order while the device trains this one.
-        order = order_of(epoch + 1) if epoch + 1 < config.train.epochs else None
+        # Drawn before the epoch starts, not beside it: on CPU the two contend for memory bandwidth,
+        # and overlapping them was measured slower than one after the other (BENCHMARKS.md).
+        state, losses = epoch_fn(state, users, items, targets, order_of(epoch))
         losses = np.asarray(losses)  # the one host sync of the epoch
         train_seconds = time.perf_counter() - start
         if not np.all(np.isfinite(losses)):

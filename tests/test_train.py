@@ -77,6 +77,23 @@ def test_shuffle_order_is_a_seeded_permutation_with_ascending_batches():
     assert counts.min() > 0 and counts.max() < 60  # expected 25 per batch (last one 15.6)
 
 
+def test_bucketed_permutation_is_uniform(monkeypatch):
+    # Rao-Sandelius with 2 buckets of 2 over 4 positions: each of the 24 orders equally likely.
+    monkeypatch.setattr(train, "SHUFFLE_BUCKET", 2)
+    rng = np.random.default_rng(0)
+    draws = 48_000
+    counts = {}
+    for _ in range(draws):
+        key = tuple(train._permutation(rng, 4))
+        counts[key] = counts.get(key, 0) + 1
+    assert len(counts) == 24
+    # Each count is Binomial(48000, 1/24): mean 2000, sd 44; 250 is 5.7 sd.
+    assert all(abs(c - draws / 24) < 250 for c in counts.values()), sorted(counts.values())
+    # Sizes around the bucket boundary are permutations too.
+    for n in (1, 3, 4, 5, 9):
+        assert np.array_equal(np.sort(train._permutation(rng, n)), np.arange(n))
+
+
 def test_training_rows_are_stored_by_user_keeping_file_order_within_a_user():
     users = np.array([3, 1, 3, 0, 1, 3], np.int32)
     rows = np.array([0, 1, 2, 4, 5])
