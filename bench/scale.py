@@ -173,7 +173,9 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
     model = models.build("bias", num_users, num_items, args.n_factors, y_range)
     params = models.init_params(model, jax.random.key(args.seed))
     state = train.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
-    epoch_fn = train.make_train_epoch(optimizer, y_range, args.batch_size)
+    dense_chunk = train.DENSE_CHUNK if args.dense_chunk is None else args.dense_chunk
+    record["dense_chunk"] = dense_chunk
+    epoch_fn = train.make_train_epoch(optimizer, y_range, args.batch_size, dense_chunk)
     shuffle_key = jax.random.fold_in(jax.random.key(args.seed), 1)
     num_train = int(users.shape[0])
 
@@ -301,6 +303,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-2)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--n-factors", type=positive_int, default=50)
+    parser.add_argument("--dense-chunk", type=int, default=None,
+                        help="ratings per chunk of a dense row-sparse step (default jaxcf.train.DENSE_CHUNK; 0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--csv-dir", default=os.path.join(tempfile.gettempdir(), "jaxcf-bench-scale"),
                         help="where the synthetic CSVs are written once and reused")
@@ -324,6 +328,8 @@ def main(argv=None) -> int:
                      "--optimizer", args.optimizer, "--learning-rate", str(args.learning_rate),
                      "--weight-decay", str(args.weight_decay), "--n-factors", str(args.n_factors),
                      "--seed", str(args.seed), "--csv-dir", args.csv_dir]
+            if args.dense_chunk is not None:
+                child += ["--dense-chunk", str(args.dense_chunk)]
             done = subprocess.run(child)
             if done.returncode != 0:
                 print(f"error: the run with {size:,} ratings failed (exit {done.returncode})", file=sys.stderr)

@@ -201,14 +201,15 @@ def _batch(users, items, ratings, index, weights) -> tuple[jax.Array, ...]:
     )
 
 
-def make_train_epoch(optimizer, y_range, batch_size: int) -> Callable:
+def make_train_epoch(optimizer, y_range, batch_size: int, dense_chunk: int = DENSE_CHUNK) -> Callable:
     """A jitted ``(state, users, items, ratings, order) -> (state, float32[num_batches] losses)``.
 
     ``order`` is int32[n]: the epoch's permutation of the training rows. The state is donated.
-    A row-sparse optimizer trains on packed tables (packed once before the scan, unpacked after).
+    A row-sparse optimizer trains on packed tables (packed once before the scan, unpacked after);
+    ``dense_chunk`` is its ``make_packed_sparse_step`` chunk size (0: no chunks).
     """
     if isinstance(optimizer, optim.RowSparse):
-        packed_step = make_packed_sparse_step(optimizer, y_range)
+        packed_step = make_packed_sparse_step(optimizer, y_range, dense_chunk)
 
         def sparse_epoch(state, users, items, ratings, order):
             xs = epoch_index(order, batch_size, ratings.dtype)
