@@ -13,8 +13,9 @@ Each part is one jitted function, timed after a warm-up call (median of ``--repe
 - the scatter-add of the batch's row gradients into a table-sized buffer, the same two ways;
 - the dense Adam pass over the user table (what ``lazy_adam`` does per step at this batch size);
 - for the epoch's order over 16M training ratings: ``jax.random.permutation`` (a sort on XLA's CPU
-  backend), NumPy's ``Generator.permutation``, the per-batch sort ``shuffle_order`` adds, and the
-  device-side take of one column by the order (random, and batch-sorted).
+  backend), NumPy's ``Generator.permutation``, jaxcf's bucketed permutation and the whole
+  ``shuffle_order`` (which adds the per-batch sort, timed alone too), and the device-side take of
+  one column by the order (random, and batch-sorted).
 
 What does not live here: the step itself (``jaxcf.train.make_packed_sparse_step``).
 """
@@ -108,6 +109,14 @@ def main(argv=None) -> int:
     order["jax.random.permutation, 16M"] = median_ms(permute, key, repeats=few)
     generator = np.random.default_rng(1)
     order["NumPy Generator.permutation, 16M"] = host_ms(lambda: generator.permutation(NUM_TRAIN), few)
+    from jaxcf import train
+
+    order["bucketed permutation (jaxcf.train._permutation), 16M"] = host_ms(
+        lambda: train._permutation(generator, NUM_TRAIN), few
+    )
+    order["jaxcf.train.shuffle_order, 16M"] = host_ms(
+        lambda: train.shuffle_order(key, 0, NUM_TRAIN, args.batch_size), few
+    )
     perm = generator.permutation(NUM_TRAIN).astype(np.int32)
     full = NUM_TRAIN - NUM_TRAIN % args.batch_size
     order["sort each batch's positions, 16M"] = host_ms(
@@ -123,10 +132,10 @@ def main(argv=None) -> int:
 
     print(f"batch {args.batch_size:,}; user table {NUM_USERS:,} x {WIDTH}, item table {NUM_ITEMS:,} x {WIDTH}")
     for name, ms in parts.items():
-        print(f"  {name:45s} {ms:9.2f} ms per step")
+        print(f"  {name:55s} {ms:9.2f} ms per step")
     print(f"epoch order over {NUM_TRAIN:,} training ratings")
     for name, ms in order.items():
-        print(f"  {name:45s} {ms / 1e3:9.3f} s per epoch")
+        print(f"  {name:55s} {ms / 1e3:9.3f} s per epoch")
     if args.json:
         record = {
             "benchmark": "step_parts",
