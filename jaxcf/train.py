@@ -758,7 +758,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(str(err), file=sys.stderr)
         return 130
     final = progress.history[-1] if progress.history else {}
-    print(f"final valid_rmse {final.get('valid_rmse', float('nan')):.4f}; outputs in {workdir}")
+    if jax.process_index() == 0:  # of several processes, the one that wrote the outputs says so
+        print(f"final valid_rmse {final.get('valid_rmse', float('nan')):.4f}; outputs in {workdir}")
     return 0
 
 
