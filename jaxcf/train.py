@@ -244,8 +244,9 @@ def shuffle_order(key: jax.Array, epoch: int, num_ratings: int, batch_size: int)
     user (:attr:`Setup.train_rows`), so each batch reads and writes the user table in ascending
     row order: on CPU, twice as fast as random rows at large batches (``BENCHMARKS.md``).
 
-    Drawn on the host: ``jax.random.permutation`` is a sort on XLA's CPU backend, 20x slower (22 s
-    against 1.2 s for 16M positions with NumPy's ``permutation``, 0.75 s with :func:`_permutation`).
+    Drawn on the host: ``jax.random.permutation`` is a sort on XLA's CPU backend, 20x slower (21 s
+    against 1.2 s for 16M positions with NumPy's ``permutation``, 0.84 s with :func:`_permutation`;
+    ``bench/step_parts.py``).
     """
     seed = np.asarray(jax.random.key_data(jax.random.fold_in(key, epoch))).ravel()
     order = _permutation(np.random.default_rng(seed), num_ratings)
@@ -265,7 +266,7 @@ def _permutation(rng: np.random.Generator, n: int) -> np.ndarray:
     Each position goes to one of ``ceil(n / SHUFFLE_BUCKET)`` buckets uniformly at random, the
     buckets are laid end to end, and each is shuffled (Fisher-Yates) on its own. The result is
     uniform over all permutations (Sandelius 1962; Rao 1961), and each shuffle works inside the
-    cache instead of swapping across all of memory: 0.75 s against NumPy's ``permutation`` 1.2 s
+    cache instead of swapping across all of memory: 0.84 s against NumPy's ``permutation`` 1.23 s
     for 16M positions on a 2-core CPU (``bench/step_parts.py``).
     """
     buckets = -(-n // SHUFFLE_BUCKET)
