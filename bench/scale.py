@@ -11,10 +11,10 @@ For each size, a fresh child process (so that peak RSS is per size) does what a 
    like ML-20M's ``ratings.csv``; the file is cached in ``--csv-dir`` and reused by later runs;
 2. read it with ``jaxcf.data.load_csv`` (pyarrow + ``pandas.factorize``), timed; at the end of
    the run its parts (sha256 of the file, pyarrow's read, conversion, factorize) are timed apart;
-3. split 80/20 as the notebook does, store the training rows by user (``jaxcf.train.rows_by_user``),
+3. split 80/20 as the notebook does, store the training rows by user (``jaxcf.steps.rows_by_user``),
    and train the biased model (50 factors) with a row-sparse optimizer for ``--epochs`` epochs as
    ``jaxcf.train.fit`` runs them: compilation is timed apart (ahead-of-time ``lower().compile()``);
-   each epoch draws its order on the host (``jaxcf.train.shuffle_order``, timed as ``order_s``),
+   each epoch draws its order on the host (``jaxcf.steps.shuffle_order``, timed as ``order_s``),
    runs the compiled scan, and ends with the validation RMSE (not timed in the epoch).
 
 ``ratings_per_s`` is training ratings divided by the median wall seconds of the epochs after the
@@ -144,7 +144,7 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxcf import evaluate, models, optim, train
+    from jaxcf import evaluate, models, optim, steps
     from jaxcf.config import OptimConfig
     from jaxcf.data import load_csv, random_split
 
@@ -156,7 +156,7 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
 
     split = random_split(len(ratings), 0.2, args.seed)
     start = time.perf_counter()
-    train_rows = train.rows_by_user(ratings.users, split.train)  # as jaxcf.train.make_setup stores them
+    train_rows = steps.rows_by_user(ratings.users, split.train)  # as jaxcf.train.make_setup stores them
     record["rows_by_user_s"] = time.perf_counter() - start
     valid_rows = split.valid
     record["num_train"], record["num_valid"] = len(train_rows), len(valid_rows)
@@ -172,16 +172,16 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
     optimizer = optim.build(config)
     model = models.build("bias", num_users, num_items, args.n_factors, y_range)
     params = models.init_params(model, jax.random.key(args.seed))
-    state = train.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
-    dense_chunk = train.DENSE_CHUNK if args.dense_chunk is None else args.dense_chunk
+    state = steps.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+    dense_chunk = steps.DENSE_CHUNK if args.dense_chunk is None else args.dense_chunk
     record["dense_chunk"] = dense_chunk
-    epoch_fn = train.make_train_epoch(optimizer, y_range, args.batch_size, dense_chunk)
+    epoch_fn = steps.make_train_epoch(optimizer, y_range, args.batch_size, dense_chunk)
     shuffle_key = jax.random.fold_in(jax.random.key(args.seed), 1)
     num_train = int(users.shape[0])
 
     def draw(epoch):
         start = time.perf_counter()
-        return train.shuffle_order(shuffle_key, epoch, num_train, args.batch_size), time.perf_counter() - start
+        return steps.shuffle_order(shuffle_key, epoch, num_train, args.batch_size), time.perf_counter() - start
 
     order, _ = draw(0)
     start = time.perf_counter()
@@ -226,7 +226,7 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
     record["overlapped_epoch_s"] = time.perf_counter() - start
     record.update(
         batch_size=args.batch_size,
-        num_batches=train.num_batches(num_train, args.batch_size),
+        num_batches=steps.num_batches(num_train, args.batch_size),
         optimizer=args.optimizer,
         learning_rate=args.learning_rate,
         weight_decay=args.weight_decay,
@@ -304,7 +304,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--n-factors", type=positive_int, default=50)
     parser.add_argument("--dense-chunk", type=int, default=None,
-                        help="ratings per chunk of a dense row-sparse step (default jaxcf.train.DENSE_CHUNK; 0: none)")
+                        help="ratings per chunk of a dense row-sparse step (default jaxcf.steps.DENSE_CHUNK; 0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--csv-dir", default=os.path.join(tempfile.gettempdir(), "jaxcf-bench-scale"),
                         help="where the synthetic CSVs are written once and reused")

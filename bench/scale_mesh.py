@@ -7,7 +7,7 @@ For each device count ``k`` a child process starts with ``XLA_FLAGS=--xla_force_
 (JAX fixes its devices at start-up) and, for each optimizer, trains the biased model (50 factors)
 on the bundled ml-latest-small ratings under every mesh of ``k`` devices that this script measures:
 
-``1x1``  one device, the unsharded program (``jaxcf.train.make_train_epoch``), the baseline;
+``1x1``  one device, the unsharded program (``jaxcf.steps.make_train_epoch``), the baseline;
 ``kx1``  pure data parallel: every device holds the whole tables and ``1/k`` of each batch;
 ``1xk``  pure model parallel: every device holds ``1/k`` of every table and the whole batch.
 
@@ -64,7 +64,7 @@ def measure(args: argparse.Namespace, dataset, optimizer: str, data: int, model:
     import jax.numpy as jnp
 
     from jaxcf import config as cfg
-    from jaxcf import distributed, train
+    from jaxcf import distributed, steps, train
 
     config = cfg.load("bias.yaml", [
         f"optim.name={optimizer}", f"train.batch_size={args.batch_size}", f"mesh.data={data}", f"mesh.model={model}",
@@ -73,7 +73,7 @@ def measure(args: argparse.Namespace, dataset, optimizer: str, data: int, model:
     ratings, rows = dataset.ratings, setup.train_rows
     shuffle_key = jax.random.fold_in(jax.random.key(config.seed), 1)
     orders = [
-        train.shuffle_order(shuffle_key, e, len(rows), args.batch_size)[: args.ratings] for e in range(args.epochs)
+        steps.shuffle_order(shuffle_key, e, len(rows), args.batch_size)[: args.ratings] for e in range(args.epochs)
     ]
     num_ratings = len(orders[0])
     layout = distributed.make_layout(config)
@@ -83,7 +83,7 @@ def measure(args: argparse.Namespace, dataset, optimizer: str, data: int, model:
     if layout is None:
         state = train.init_state(setup)
         host = (jnp.asarray(ratings.users[rows]), jnp.asarray(ratings.items[rows]), jnp.asarray(ratings.ratings[rows]))
-        epoch_fn = train.make_train_epoch(setup.optimizer, setup.y_range, args.batch_size)
+        epoch_fn = steps.make_train_epoch(setup.optimizer, setup.y_range, args.batch_size)
         start = time.perf_counter()
         compiled = epoch_fn.lower(state, *host, jnp.asarray(orders[0])).compile()
         record["compile_s"] = time.perf_counter() - start
@@ -99,7 +99,7 @@ def measure(args: argparse.Namespace, dataset, optimizer: str, data: int, model:
         host = (ratings.users[rows], ratings.items[rows], ratings.ratings[rows])
         epoch = layout.make_train_epoch(
             setup.optimizer, setup.y_range, args.batch_size,
-            make_step=train.make_train_step, make_packed_step=train.make_packed_sparse_step,
+            make_step=steps.make_train_step, make_packed_step=steps.make_packed_sparse_step,
         )
         batches = epoch.batches(*host, orders[0])
         start = time.perf_counter()

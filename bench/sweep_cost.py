@@ -11,7 +11,7 @@ Two measurements, both on the same config, the same K seeds and the same number 
   child processes) of each; process start, imports, data loading and compilation are included, as
   they are for a user.
 - **Training alone** (steady state, compiled, in this process): the median time of one epoch of
-  ``jaxcf.train.make_train_epoch`` (one model) against one epoch of
+  ``jaxcf.steps.make_train_epoch`` (one model) against one epoch of
   ``jaxcf.members.make_members_epoch`` with K members, and the compile time of each
   (``lower().compile()``).
 
@@ -76,7 +76,7 @@ def time_epochs(config_name: str, models: int, overrides: list[str], repeats: in
     import jax.numpy as jnp
 
     from jaxcf import config as jconfig
-    from jaxcf import data, members, train
+    from jaxcf import data, members, steps, train
 
     config = jconfig.load(config_name, overrides)
     dataset = data.load(config.data, config.seed)
@@ -84,7 +84,7 @@ def time_epochs(config_name: str, models: int, overrides: list[str], repeats: in
     ratings, rows = dataset.ratings, setup.train_rows
     users, items, targets = (jnp.asarray(x[rows]) for x in (ratings.users, ratings.items, ratings.ratings))
     n = len(rows)
-    order = train.shuffle_order(jax.random.key(0), 0, n, config.train.batch_size)
+    order = steps.shuffle_order(jax.random.key(0), 0, n, config.train.batch_size)
 
     def timed(fn, state, *args) -> tuple[float, list[float], list[float]]:
         start = time.perf_counter()
@@ -101,11 +101,11 @@ def time_epochs(config_name: str, models: int, overrides: list[str], repeats: in
             cpu_times.append(time.process_time() - cpu)
         return compile_s, times, cpu_times
 
-    single_fn = train.make_train_epoch(setup.optimizer, setup.y_range, config.train.batch_size)
+    single_fn = steps.make_train_epoch(setup.optimizer, setup.y_range, config.train.batch_size)
     single_compile, single, single_cpu = timed(single_fn, train.init_state(setup), users, items, targets, order)
 
     seeds = [members.Member(jconfig.load(config_name, [*overrides, f"seed={42 + k}"]), {}) for k in range(models)]
-    tx = members.make_optimizer(config, train.num_batches(n, config.train.batch_size))
+    tx = members.make_optimizer(config, steps.num_batches(n, config.train.batch_size))
     state = members.init_members(setup, seeds, tx)
     members_fn = members.make_members_epoch(tx, setup.y_range, config.train.batch_size)
     orders = jnp.stack([order] * models)

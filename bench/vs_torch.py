@@ -54,7 +54,7 @@ def time_jaxcf(repeats: int) -> dict:
     import jax
 
     from jaxcf import config as jconfig
-    from jaxcf import data, train
+    from jaxcf import data, steps, train
 
     config = jconfig.load("bias.yaml", ["optim.name=adam", f"train.epochs={repeats + 1}"])
     dataset = data.load(config.data, config.seed)
@@ -68,10 +68,10 @@ def time_jaxcf(repeats: int) -> dict:
         jax.numpy.asarray(ratings.users[rows]),
         jax.numpy.asarray(ratings.items[rows]),
         jax.numpy.asarray(ratings.ratings[rows]),
-        train.shuffle_order(jax.random.key(0), 0, len(rows), config.train.batch_size),
+        steps.shuffle_order(jax.random.key(0), 0, len(rows), config.train.batch_size),
     )
     start = time.perf_counter()
-    train.make_train_epoch(setup.optimizer, setup.y_range, config.train.batch_size).lower(*args).compile()
+    steps.make_train_epoch(setup.optimizer, setup.y_range, config.train.batch_size).lower(*args).compile()
     compile_s = time.perf_counter() - start
 
     records = []

@@ -10,7 +10,7 @@ The mesh has two axes, named by the config's ``mesh:`` section:
            of the batch's ratings (batches are padded with zero-weight entries when ``data`` does
            not divide the batch size, which leaves the loss and its gradient unchanged).
 
-The train step is the single-device one (``jaxcf.train.make_train_step``, or for a row-sparse
+The train step is the single-device one (``jaxcf.steps.make_train_step``, or for a row-sparse
 optimizer ``make_packed_sparse_step`` on tables packed once per epoch); ``jax.jit`` with
 ``in_shardings``/``out_shardings`` partitions the scan over it. XLA turns a row gather from a
 row-sharded table into a local masked gather plus an all-reduce of the ``[batch / data, F]`` rows
@@ -245,11 +245,11 @@ class Layout:
         make_step: Callable,
         make_packed_step: Callable,
     ) -> ShardedEpoch:
-        """The sharded counterpart of ``jaxcf.train.make_train_epoch`` (the same call signature).
+        """The sharded counterpart of ``jaxcf.steps.make_train_epoch`` (the same call signature).
 
         Args:
-          optimizer, y_range, batch_size: as for ``jaxcf.train.make_train_epoch``.
-          make_step, make_packed_step: ``jaxcf.train.make_train_step`` and
+          optimizer, y_range, batch_size: as for ``jaxcf.steps.make_train_epoch``.
+          make_step, make_packed_step: ``jaxcf.steps.make_train_step`` and
             ``make_packed_sparse_step``, passed in by the caller rather than imported here
             (``jaxcf.train`` imports this module, and under ``python -m jaxcf.train`` a second import
             would bring a second ``TrainState`` class).
@@ -302,7 +302,7 @@ def epoch_body(
     """``(state, batches) -> (state, float32[num_batches] losses)``: ``jaxcf.train``'s epoch after its batching.
 
     ``batches`` are (users, items, ratings, weights), each ``[num_batches, batch]``. As in
-    ``jaxcf.train.make_train_epoch``, a row-sparse optimizer trains on packed tables, packed once
+    ``jaxcf.steps.make_train_epoch``, a row-sparse optimizer trains on packed tables, packed once
     before the scan and unpacked after it.
     """
     if isinstance(optimizer, optim.RowSparse):

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcf import evaluate, models, train
+from jaxcf import evaluate, models, steps, train
 from jaxcf.config import Config, ConfigError, to_dict
 from jaxcf.data import Dataset
 
@@ -87,7 +87,7 @@ def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransf
 def make_member_step(tx: optax.GradientTransformation, y_range: tuple[float, float] | None) -> Callable:
     """A pure ``(state, row_l2, users, items, ratings, weights) -> (state, mse)`` for one member.
 
-    The loss is ``jaxcf.train.weighted_mse`` plus ``row_l2 * sum(w * |row|^2) / sum(w)`` over every
+    The loss is ``jaxcf.steps.weighted_mse`` plus ``row_l2 * sum(w * |row|^2) / sum(w)`` over every
     gathered row (the user's and the item's embedding and bias): Surprise-style L2 on the rows the batch
     touches, once per rating. With ``row_l2 = 0`` the gradient is exactly that of ``jaxcf.train``.
     The returned loss is the MSE alone, as ``jaxcf.train`` reports it.
@@ -96,13 +96,13 @@ def make_member_step(tx: optax.GradientTransformation, y_range: tuple[float, flo
     def step(state, row_l2, users, items, ratings, weights):
         def loss_fn(params):
             rows = models.gather_rows(params, users, items)
-            mse = train.weighted_mse(models.score_rows(rows, y_range), ratings, weights)
+            mse = steps.weighted_mse(models.score_rows(rows, y_range), ratings, weights)
             penalty = sum(jnp.sum(weights[:, None] * row * row) for row in rows.values()) / jnp.sum(weights)
             return mse + row_l2 * penalty, mse
 
         (_, mse), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        return train.TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), mse
+        return steps.TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), mse
 
     return step
 
@@ -114,7 +114,7 @@ def make_members_epoch(tx: optax.GradientTransformation, y_range, batch_size: in
     step = make_member_step(tx, y_range)
 
     def epoch(state, row_l2, users, items, ratings, order):
-        xs = train.epoch_batches(users, items, ratings, order, batch_size)
+        xs = steps.epoch_batches(users, items, ratings, order, batch_size)
         return jax.lax.scan(lambda state, batch: step(state, row_l2, *batch), state, xs)
 
     return jax.jit(jax.vmap(epoch, in_axes=(0, 0, None, None, None, 0)), donate_argnums=(0,))
@@ -177,7 +177,7 @@ def static_part(config: Config) -> str:
     return json.dumps(raw, sort_keys=True)
 
 
-def init_members(setup: train.Setup, members: Sequence[Member], tx: optax.GradientTransformation) -> train.TrainState:
+def init_members(setup: train.Setup, members: Sequence[Member], tx: optax.GradientTransformation) -> steps.TrainState:
     """Stacked initial states: member k's parameters are those of ``jaxcf.train.init_state`` with
     ``seed = members[k].config.seed``, and its injected hyper-parameters are its own."""
     seeds = [m.config.seed for m in members]
@@ -189,7 +189,7 @@ def init_members(setup: train.Setup, members: Sequence[Member], tx: optax.Gradie
         params = {name: jnp.asarray(value, jnp.float32) for name, value in params.items()}
         opt_state = tx.init(params)
         injected = opt_state[0]._replace(hyperparams={**opt_state[0].hyperparams, **member_hyper})
-        return train.TrainState(params, (injected, *opt_state[1:]), jnp.zeros((), jnp.int32))
+        return steps.TrainState(params, (injected, *opt_state[1:]), jnp.zeros((), jnp.int32))
 
     return jax.vmap(init)(keys, hyper)
 
@@ -210,7 +210,7 @@ class MembersResult:
       stopped_early: whether early stopping ended the run.
     """
 
-    state: train.TrainState
+    state: steps.TrainState
     history: list[dict]
     best_epoch: int
     best_params: Any
@@ -252,7 +252,7 @@ def fit_members(
     ratings = dataset.ratings
     train_rows, valid_rows = setup.train_rows, dataset.split.valid
     n = len(train_rows)
-    tx = make_optimizer(config, train.num_batches(n, config.train.batch_size))
+    tx = make_optimizer(config, steps.num_batches(n, config.train.batch_size))
     state = init_members(setup, members, tx)
     epoch_fn = make_members_epoch(tx, setup.y_range, config.train.batch_size)
     row_l2 = jnp.asarray([m.config.optim.row_l2 for m in members], jnp.float32)
@@ -270,7 +270,7 @@ def fit_members(
                file=sys.stderr)
     for epoch in range(config.train.epochs):
         start = time.perf_counter()
-        orders = np.stack([train.shuffle_order(key, epoch, n, config.train.batch_size) for key in shuffle_keys])
+        orders = np.stack([steps.shuffle_order(key, epoch, n, config.train.batch_size) for key in shuffle_keys])
         state, losses = epoch_fn(state, row_l2, users, items, targets, orders)
         losses = np.asarray(losses)  # the one host sync of the epoch
         train_seconds = time.perf_counter() - start

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from jaxcf import config as cfg
-from jaxcf import distributed, train
+from jaxcf import distributed, steps, train
 from jaxcf.data import load as load_dataset
 
 # Training rows used per epoch by the cases: 39 full batches of 64 and a partial one of 4.
@@ -54,7 +54,7 @@ COMMON = ["train.epochs=2", "model.n_factors=8"]
 def subset_orders(config: cfg.Config, num_train: int):
     """The seeded shuffle of each epoch, cut to its first SUBSET positions (as the test's reference)."""
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    return lambda epoch: train.shuffle_order(key, epoch, num_train, config.train.batch_size)[:SUBSET]
+    return lambda epoch: steps.shuffle_order(key, epoch, num_train, config.train.batch_size)[:SUBSET]
 
 
 # Cases whose compiled epoch is compiled a second time for its memory analysis (a dense and a
@@ -69,7 +69,7 @@ def compiled_memory(setup, layout, state, orders, logical) -> dict:
     ratings, rows = setup.dataset.ratings, setup.train_rows
     epoch = layout.make_train_epoch(
         setup.optimizer, setup.y_range, setup.config.train.batch_size,
-        make_step=train.make_train_step, make_packed_step=train.make_packed_sparse_step,
+        make_step=steps.make_train_step, make_packed_step=steps.make_packed_sparse_step,
     )
     batches = epoch.batches(ratings.users[rows], ratings.items[rows], ratings.ratings[rows], orders(0))
     memory = epoch.jitted(state).lower(state, batches).compile().memory_analysis()

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from jaxcf import config as cfg
-from jaxcf import optim, train
+from jaxcf import optim, steps
 from jaxcf.models import USER_TABLES
 
 LR, B1, B2, EPS, WD = 1e-2, 0.9, 0.999, 1e-8, 0.1  # a large decay, so that decay bugs show
@@ -162,10 +162,10 @@ def test_epoch_matches_numpy_including_the_padded_last_batch(name, mode):
     optimizer = optim.build(_config(name))._replace(dense_rows_per_id=MODES[mode])
     reference = NumpyLazy(name, params)
 
-    state = train.TrainState(
+    state = steps.TrainState(
         {k: jnp.asarray(v) for k, v in params.items()}, optimizer.init(params), jnp.zeros((), jnp.int32)
     )
-    epoch = train.make_train_epoch(optimizer, y_range, batch_size)
+    epoch = steps.make_train_epoch(optimizer, y_range, batch_size)
     for e in range(2):
         order = rng.permutation(n).astype(np.int32)
         state, losses = epoch(state, jnp.asarray(users), jnp.asarray(items), jnp.asarray(ratings), jnp.asarray(order))
@@ -195,12 +195,12 @@ def test_packed_epoch_equals_repeated_steps():
 
     def fresh():  # the epoch donates its state: every run gets its own copies
         copies = {k: jnp.array(v) for k, v in params.items()}
-        return train.TrainState(copies, optimizer.init(copies), jnp.zeros((), jnp.int32))
+        return steps.TrainState(copies, optimizer.init(copies), jnp.zeros((), jnp.int32))
 
-    by_epoch, losses = train.make_train_epoch(optimizer, y_range, batch_size)(fresh(), users, items, ratings, order)
-    step = jax.jit(train.make_train_step(optimizer, y_range))
+    by_epoch, losses = steps.make_train_epoch(optimizer, y_range, batch_size)(fresh(), users, items, ratings, order)
+    step = jax.jit(steps.make_train_step(optimizer, y_range))
     by_step = fresh()
-    xs = train.epoch_batches(users, items, ratings, order, batch_size)
+    xs = steps.epoch_batches(users, items, ratings, order, batch_size)
     step_losses = []
     for batch in zip(*xs):
         by_step, loss = step(by_step, *batch)
@@ -223,8 +223,8 @@ def test_row_wise_and_dense_steps_agree_on_a_larger_problem():
     for ratio in MODES.values():
         optimizer = optim.build(_config("lazy_adam"))._replace(dense_rows_per_id=ratio)
         copies = {k: jnp.asarray(v * 0.1) for k, v in params.items()}
-        state = train.TrainState(copies, optimizer.init(copies), jnp.zeros((), jnp.int32))
-        state, _ = train.make_train_epoch(optimizer, (0.5, 5.0), batch_size)(state, users, items, ratings, order)
+        state = steps.TrainState(copies, optimizer.init(copies), jnp.zeros((), jnp.int32))
+        state, _ = steps.make_train_epoch(optimizer, (0.5, 5.0), batch_size)(state, users, items, ratings, order)
         results.append(state)
     # Same operations on the same values in the same order on CPU; other backends may reorder the sums.
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
@@ -278,7 +278,7 @@ def test_dense_optimizers_match_torch_formulas(name):
 
 @pytest.mark.parametrize("name", ["lazy_adam", "sgd"])
 def test_chunked_dense_step_is_the_same_step(name):
-    # A dense step may compute its batch's gradients a chunk at a time (train.DENSE_CHUNK): the same
+    # A dense step may compute its batch's gradients a chunk at a time (steps.DENSE_CHUNK): the same
     # parameters score every chunk and the sums are added in batch order, so nothing changes.
     rng = np.random.default_rng(12)
     batch, num_users, num_items = 512, 40, 9
@@ -289,8 +289,8 @@ def test_chunked_dense_step_is_the_same_step(name):
     params = {k: jnp.asarray(v * 0.3) for k, v in _tables(13, num_users=num_users, num_items=num_items).items()}
     optimizer = optim.build(_config(name))._replace(dense_rows_per_id=float("inf"))
     packed = optim.pack(optimizer, params, optimizer.init(params))
-    whole = jax.jit(train.make_packed_sparse_step(optimizer, (0.5, 5.0), chunk_size=0))
-    chunked = jax.jit(train.make_packed_sparse_step(optimizer, (0.5, 5.0), chunk_size=64))
+    whole = jax.jit(steps.make_packed_sparse_step(optimizer, (0.5, 5.0), chunk_size=0))
+    chunked = jax.jit(steps.make_packed_sparse_step(optimizer, (0.5, 5.0), chunk_size=64))
     assert "while" in chunked.lower(packed, users, items, ratings, weights).as_text()  # it does loop over chunks
     (a, loss_a), (b, loss_b) = (f(packed, users, items, ratings, weights) for f in (whole, chunked))
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)  # the loss is summed per chunk: rounding only

@@ -39,6 +39,7 @@ import torch.nn as nn
 from jaxcf import config as jconfig
 from jaxcf import evaluate as jevaluate
 from jaxcf import models as jmodels
+from jaxcf import steps as jsteps
 from jaxcf import train as jtrain
 from reference_torch import notebook as nb
 from reference_torch import weights as W
@@ -302,7 +303,7 @@ def jax_grads(setup: jtrain.Setup, tables: dict, rows: np.ndarray) -> dict:
 
     def loss_fn(params):
         predictions = jmodels.score_rows(jmodels.gather_rows(params, users, items), setup.y_range)
-        return jtrain.weighted_mse(predictions, ratings, weights)
+        return jsteps.weighted_mse(predictions, ratings, weights)
 
     grads = jax.grad(loss_fn)({k: jnp.asarray(v) for k, v in tables.items()})
     return {k: np.asarray(v) for k, v in grads.items()}
@@ -374,8 +375,8 @@ def test_d64_float64_steps_are_the_same_arithmetic(bundled, notebook_data, case)
 
     with x64():
         params = {k: jnp.asarray(v, jnp.float64) for k, v in init.items()}
-        state = jtrain.TrainState(params, setup.optimizer.init(params), jnp.zeros((), jnp.int32))
-        epoch_fn = jtrain.make_train_epoch(setup.optimizer, setup.y_range, BATCH_SIZE)
+        state = jsteps.TrainState(params, setup.optimizer.init(params), jnp.zeros((), jnp.int32))
+        epoch_fn = jsteps.make_train_epoch(setup.optimizer, setup.y_range, BATCH_SIZE)
         rows = bundled.split.train
         ratings = bundled.ratings
         state, losses = epoch_fn(

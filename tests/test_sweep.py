@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from jaxcf import config as cfg
-from jaxcf import members, optim, sweep, train
+from jaxcf import members, optim, steps, sweep, train
 from jaxcf.data import load as load_dataset
 
 
@@ -80,7 +80,7 @@ def test_row_l2_adds_the_gradient_of_a_per_rating_penalty():
     }
     tx = optax.sgd(1.0)
     step = members.make_member_step(tx, (0.5, 5.0))
-    state = train.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+    state = steps.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
     # User 0 appears twice, item 2 is padding (weight 0) and must not be penalised.
     users, items = jnp.array([0, 0, 1, 1]), jnp.array([0, 1, 1, 2])
     ratings, weights = jnp.array([4.0, 3.0, 5.0, 0.0]), jnp.array([1.0, 1.0, 1.0, 0.0])

@@ -14,7 +14,7 @@ import safetensors.numpy
 import yaml
 
 from jaxcf import config as cfg
-from jaxcf import train
+from jaxcf import steps, train
 
 ROOT = Path(__file__).parents[1]
 
@@ -34,8 +34,8 @@ def test_padded_last_batch_has_the_gradient_of_its_real_ratings():
     model_cfg = cfg.Config()
     params = {"user_embedding": jnp.ones((3, 2)) * 0.1, "item_embedding": jnp.arange(8.0).reshape(4, 2) / 10}
     tx = optax.sgd(1.0)
-    step = train.make_train_step(tx, None)
-    state = train.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+    step = steps.make_train_step(tx, None)
+    state = steps.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
     users, items, ratings = jnp.array([0, 2, 0, 0]), jnp.array([1, 3, 0, 0]), jnp.array([1.0, 2.0, 0.0, 0.0])
     padded, loss_padded = step(state, users, items, ratings, jnp.array([1.0, 1.0, 0.0, 0.0]))
     exact, loss_exact = step(state, users[:2], items[:2], ratings[:2], jnp.ones(2))
@@ -50,8 +50,8 @@ def test_epoch_trains_every_rating_once_including_the_partial_batch():
     n, batch = 10, 4  # 2 full batches and a partial one of 2
     params = {"user_embedding": jnp.full((n, 1), 0.5), "item_embedding": jnp.full((1, 1), 0.5)}
     tx = optax.sgd(0.1)
-    epoch = train.make_train_epoch(tx, None, batch)
-    state = train.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+    epoch = steps.make_train_epoch(tx, None, batch)
+    state = steps.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
     users = jnp.arange(n, dtype=jnp.int32)
     state, losses = epoch(state, users, jnp.zeros(n, jnp.int32), jnp.full((n,), 3.0), jnp.arange(n, dtype=jnp.int32))
     assert losses.shape == (3,) and int(state.step) == 3
@@ -61,45 +61,45 @@ def test_epoch_trains_every_rating_once_including_the_partial_batch():
 def test_shuffle_order_is_a_seeded_permutation_with_ascending_batches():
     key = jax.random.key(3)
     n, batch = 1000, 64  # 15 full batches and one of 40
-    order = train.shuffle_order(key, 0, n, batch)
+    order = steps.shuffle_order(key, 0, n, batch)
     assert order.dtype == np.int32 and np.array_equal(np.sort(order), np.arange(n))
     batches = np.split(order, range(batch, n, batch))
     assert len(batches) == 16 and all(np.all(np.diff(b) > 0) for b in batches)
     # A pure function of the key and the epoch (a resumed run replays it); each epoch draws anew.
-    np.testing.assert_array_equal(order, train.shuffle_order(key, 0, n, batch))
-    assert not np.array_equal(order, train.shuffle_order(key, 1, n, batch))
-    assert not np.array_equal(order, train.shuffle_order(jax.random.key(4), 0, n, batch))
+    np.testing.assert_array_equal(order, steps.shuffle_order(key, 0, n, batch))
+    assert not np.array_equal(order, steps.shuffle_order(key, 1, n, batch))
+    assert not np.array_equal(order, steps.shuffle_order(jax.random.key(4), 0, n, batch))
     # Batches are random sets, not runs of neighbours: a batch spans the rows.
     assert all(b[-1] - b[0] > n // 2 for b in batches[:-1])
     # Every row is equally likely in every batch: position of row 0 over many epochs is spread out.
-    first_batch = [int(np.flatnonzero(train.shuffle_order(key, e, n, batch) == 0)[0]) // batch for e in range(400)]
+    first_batch = [int(np.flatnonzero(steps.shuffle_order(key, e, n, batch) == 0)[0]) // batch for e in range(400)]
     counts = np.bincount(first_batch, minlength=16)
     assert counts.min() > 0 and counts.max() < 60  # expected 25 per batch (last one 15.6)
 
 
 def test_bucketed_permutation_is_uniform(monkeypatch):
     # Rao-Sandelius with 2 buckets of 2 over 4 positions: each of the 24 orders equally likely.
-    monkeypatch.setattr(train, "SHUFFLE_BUCKET", 2)
+    monkeypatch.setattr(steps, "SHUFFLE_BUCKET", 2)
     rng = np.random.default_rng(0)
     draws = 48_000
     counts = {}
     for _ in range(draws):
-        key = tuple(train._permutation(rng, 4))
+        key = tuple(steps._permutation(rng, 4))
         counts[key] = counts.get(key, 0) + 1
     assert len(counts) == 24
     # Each count is Binomial(48000, 1/24): mean 2000, sd 44; 250 is 5.7 sd.
     assert all(abs(c - draws / 24) < 250 for c in counts.values()), sorted(counts.values())
     # Sizes around the bucket boundary are permutations too.
     for n in (1, 3, 4, 5, 9):
-        assert np.array_equal(np.sort(train._permutation(rng, n)), np.arange(n))
+        assert np.array_equal(np.sort(steps._permutation(rng, n)), np.arange(n))
 
 
 def test_training_rows_are_stored_by_user_keeping_file_order_within_a_user():
     users = np.array([3, 1, 3, 0, 1, 3], np.int32)
     rows = np.array([0, 1, 2, 4, 5])
-    np.testing.assert_array_equal(train.rows_by_user(users, rows), [1, 4, 0, 2, 5])
+    np.testing.assert_array_equal(steps.rows_by_user(users, rows), [1, 4, 0, 2, 5])
     already = np.array([3, 1, 2])  # users 0, 1, 3: sorted, kept as they are
-    assert train.rows_by_user(users, already) is already
+    assert steps.rows_by_user(users, already) is already
 
 
 def test_short_run_lowers_the_loss_and_writes_its_outputs(tmp_path, capsys):
