@@ -237,11 +237,7 @@ def read_ensemble(path: str | Path) -> export.Export:
     if missing:
         raise bad(f"weights.safetensors lacks {', '.join(missing)} for a {kind!r} ensemble")
     weights = {t: np.asarray(weights[t], np.float32) for t in export.TABLES[kind]}
-    try:
-        ids = json.loads(payloads["ids.json"].decode("utf-8"))
-        user_ids, item_ids = export._ids(ids["users"]), export._ids(ids["items"])
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise bad("ids.json is not a {'users': [...], 'items': [...]} table") from None
+    user_ids, item_ids = export._read_ids(payloads, bad)
     rows = {"user_embedding": len(user_ids), "item_embedding": len(item_ids),
             "user_bias": len(user_ids), "item_bias": len(item_ids)}
     width = weights["user_embedding"].shape[-1]
@@ -253,19 +249,8 @@ def read_ensemble(path: str | Path) -> export.Export:
         y_range = model.get("y_range")
         if not (isinstance(y_range, list) and len(y_range) == 2 and y_range[0] < y_range[1]):
             raise bad(f"a bias ensemble needs model.y_range [low, high] in metadata.json; got {y_range!r}")
-    seen = export._load_tensors(folder, "seen.safetensors", payloads["seen.safetensors"])
-    if "users" not in seen or "items" not in seen or seen["users"].shape != seen["items"].shape:
-        raise bad("seen.safetensors needs 'users' and 'items' arrays of one length")
-    seen_users, seen_items = seen["users"].astype(np.int32), seen["items"].astype(np.int32)
-    if len(seen_users) and (seen_users.min() < 0 or seen_users.max() >= len(user_ids)
-                            or seen_items.min() < 0 or seen_items.max() >= len(item_ids)):
-        raise bad("seen.safetensors holds indices outside the id tables")
-    titles = None
-    if "items.json" in payloads:
-        try:
-            titles = json.loads(payloads["items.json"].decode("utf-8"))["titles"]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            raise bad("items.json is not a {'titles': [[id, title], ...]} table") from None
+    seen_users, seen_items = export._read_seen(folder, payloads, len(user_ids), len(item_ids), bad)
+    titles = export._read_titles(payloads, bad)
     return export.Export(folder, metadata, weights, user_ids, item_ids, seen_users, seen_items, titles)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -237,11 +237,7 @@ def read_export(path: str | Path) -> Export:
     if missing:
         raise bad(f"weights.safetensors lacks {', '.join(missing)} for a {kind!r} model")
     weights = {t: np.asarray(weights[t], np.float32) for t in TABLES[kind]}
-    try:
-        ids = json.loads(payloads["ids.json"].decode("utf-8"))
-        user_ids, item_ids = _ids(ids["users"]), _ids(ids["items"])
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise bad("ids.json is not a {'users': [...], 'items': [...]} table") from None
+    user_ids, item_ids = _read_ids(payloads, bad)
     num_users, num_items = len(user_ids), len(item_ids)
     user_table, item_table = weights["user_embedding"], weights["item_embedding"]
     if user_table.ndim != 2 or item_table.ndim != 2 or user_table.shape[1] != item_table.shape[1]:
@@ -256,20 +252,7 @@ def read_export(path: str | Path) -> Export:
         y_range = model.get("y_range")
         if not (isinstance(y_range, list) and len(y_range) == 2 and y_range[0] < y_range[1]):
             raise bad(f"the bias model needs model.y_range [low, high] in {METADATA}; got {y_range!r}")
-    seen = _load_tensors(folder, "seen.safetensors", payloads["seen.safetensors"])
-    if "users" not in seen or "items" not in seen or seen["users"].shape != seen["items"].shape:
-        raise bad("seen.safetensors needs 'users' and 'items' arrays of one length")
-    seen_users, seen_items = seen["users"].astype(np.int32), seen["items"].astype(np.int32)
-    if len(seen_users) and (
-        seen_users.min() < 0 or seen_users.max() >= num_users or seen_items.min() < 0 or seen_items.max() >= num_items
-    ):
-        raise bad("seen.safetensors holds indices outside the id tables")
-    titles = None
-    if "items.json" in payloads:
-        try:
-            titles = json.loads(payloads["items.json"].decode("utf-8"))["titles"]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-            raise bad("items.json is not a {'titles': [[id, title], ...]} table") from None
+    seen_users, seen_items = _read_seen(folder, payloads, num_users, num_items, bad)
     return Export(
         path=folder,
         metadata=metadata,
@@ -278,5 +261,43 @@ def read_export(path: str | Path) -> Export:
         item_ids=item_ids,
         seen_users=seen_users,
         seen_items=seen_items,
-        titles=titles,
+        titles=_read_titles(payloads, bad),
     )
+
+
+# Pieces of reading an export that the ensemble reader (jaxcf.ensemble.read_ensemble) shares. ``bad``
+# turns a message into the reader's ModelError.
+
+
+def _read_ids(payloads: dict[str, bytes], bad: Callable[[str], ModelError]) -> tuple[np.ndarray, np.ndarray]:
+    """The raw user and item ids of ``ids.json``, by row."""
+    try:
+        ids = json.loads(payloads["ids.json"].decode("utf-8"))
+        return _ids(ids["users"]), _ids(ids["items"])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise bad("ids.json is not a {'users': [...], 'items': [...]} table") from None
+
+
+def _read_seen(
+    folder: Path, payloads: dict[str, bytes], num_users: int, num_items: int, bad: Callable[[str], ModelError]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The training pairs of ``seen.safetensors`` as int32 row indices, checked against the id tables."""
+    seen = _load_tensors(folder, "seen.safetensors", payloads["seen.safetensors"])
+    if "users" not in seen or "items" not in seen or seen["users"].shape != seen["items"].shape:
+        raise bad("seen.safetensors needs 'users' and 'items' arrays of one length")
+    seen_users, seen_items = seen["users"].astype(np.int32), seen["items"].astype(np.int32)
+    if len(seen_users) and (
+        seen_users.min() < 0 or seen_users.max() >= num_users or seen_items.min() < 0 or seen_items.max() >= num_items
+    ):
+        raise bad("seen.safetensors holds indices outside the id tables")
+    return seen_users, seen_items
+
+
+def _read_titles(payloads: dict[str, bytes], bad: Callable[[str], ModelError]) -> list | None:
+    """The ``items.json`` titles table, or None when the export has none."""
+    if "items.json" not in payloads:
+        return None
+    try:
+        return json.loads(payloads["items.json"].decode("utf-8"))["titles"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise bad("items.json is not a {'titles': [[id, title], ...]} table") from None

@@ -57,6 +57,7 @@ import numpy as np
 from jaxcf.data.ratings import IdMap
 from jaxcf.export import Export, ModelError
 from jaxcf.models import gather_rows, score_rows
+from jaxcf.ranking import score_block
 
 # Pairs per device call in predict(); smaller requests are padded to the next power of two so that
 # a handful of compiled shapes serves every request size.
@@ -113,21 +114,6 @@ def _score_pairs(params, users, items, y_range):
     return score_rows(gather_rows(params, users, items), y_range)
 
 
-def _score_all_items(params, users, y_range):
-    """float32[B, num_items] predicted ratings of every item for users int32[B]."""
-    if params["user_embedding"].ndim == 3:  # an ensemble (jaxcf.ensemble): the mean of its members
-        return jnp.mean(jax.vmap(lambda p: _score_all_items(p, users, y_range))(params), axis=0)
-    # HIGHEST: on GPUs a float32 matmul may otherwise run in TF32 and disagree with predict().
-    logits = jnp.matmul(
-        params["user_embedding"][users], params["item_embedding"].T, precision=jax.lax.Precision.HIGHEST
-    )
-    if y_range is None:
-        return logits
-    logits = logits + params["user_bias"][users] + params["item_bias"][:, 0][None, :]
-    low, high = y_range
-    return jax.nn.sigmoid(logits) * (high - low) + low
-
-
 @functools.partial(jax.jit, static_argnames=("k", "y_range"))
 def _top_k_unseen(params, users, seen_rows, seen_items, k, y_range):
     """Top-k items for a block of users, with each user's training items masked out.
@@ -135,7 +121,7 @@ def _top_k_unseen(params, users, seen_rows, seen_items, k, y_range):
     users: int32[B]; seen_rows, seen_items: int32[S] (row in the block, item index), padded with
     out-of-range rows that the scatter drops. Returns (float32[B, k] scores, int32[B, k] items).
     """
-    scores = _score_all_items(params, users, y_range)
+    scores = score_block(params, users, y_range)
     scores = scores.at[seen_rows, seen_items].set(-jnp.inf, mode="drop")
     return jax.lax.top_k(scores, k)
 
