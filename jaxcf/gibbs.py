@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcf import evaluate
+from jaxcf import evaluate, linalg
 from jaxcf.config import Config
 from jaxcf.data import DataError, Dataset
 
@@ -103,13 +103,6 @@ def wishart(key: jax.Array, scale_root: jax.Array, df: float) -> jax.Array:
     return root @ root.T
 
 
-def _inverse_root(precision: jax.Array) -> jax.Array:
-    """M with ``M @ M.T == inv(precision)``: ``inv(L).T`` for ``precision = L @ L.T``."""
-    chol = jnp.linalg.cholesky(precision)
-    eye = jnp.eye(precision.shape[-1], dtype=precision.dtype)
-    return jax.scipy.linalg.solve_triangular(chol, eye, lower=True, trans=1)
-
-
 def sample_hyperparameters(key: jax.Array, factors: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Draws (mu, Lambda) of one side from their Normal-Wishart conditional given its vectors.
 
@@ -128,8 +121,8 @@ def sample_hyperparameters(key: jax.Array, factors: jax.Array) -> tuple[jax.Arra
     inverse_scale = jnp.eye(size) + scatter + (BETA0 * rows / beta) * jnp.outer(mean, mean)
     inverse_scale = (inverse_scale + inverse_scale.T) / 2
     key_wishart, key_normal = jax.random.split(key)
-    lam = wishart(key_wishart, _inverse_root(inverse_scale), size + rows)
-    mu = rows * mean / beta + _inverse_root(beta * lam) @ jax.random.normal(key_normal, (size,))
+    lam = wishart(key_wishart, linalg.inverse_root(inverse_scale), size + rows)
+    mu = rows * mean / beta + linalg.inverse_root(beta * lam) @ jax.random.normal(key_normal, (size,))
     return mu, lam
 
 
@@ -176,12 +169,13 @@ def draw_rows(
       float32[num_rows, F].
     """
     precision = lam[None] + alpha * gram
-    chol = jnp.linalg.cholesky(precision)
+    # jaxcf.linalg, not jnp.linalg: LAPACK's batched kernels can deadlock XLA's CPU thread pool.
+    chol = linalg.cholesky(precision)
     right = alpha * rhs + (lam @ mu)[None]
-    mean = jax.scipy.linalg.cho_solve((chol, True), right[..., None])[..., 0]
+    mean = linalg.cho_solve(chol, right)
     noise = jax.random.normal(key, mean.shape, mean.dtype)
     # inv(L^T) z has covariance inv(L L^T) = inv(P).
-    return mean + jax.scipy.linalg.solve_triangular(chol, noise[..., None], lower=True, trans=1)[..., 0]
+    return mean + linalg.solve_lower_transpose(chol, noise)
 
 
 def sample_side(key: jax.Array, own: jax.Array, other: jax.Array, side: Side, alpha: float) -> jax.Array:

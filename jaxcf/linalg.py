@@ -1,0 +1,126 @@
+"""Small dense linear algebra written with plain XLA ops: batched Cholesky and triangular solves.
+
+jaxlib's CPU backend runs ``jnp.linalg.cholesky``, ``jax.scipy.linalg.solve_triangular`` and the other
+LAPACK wrappers as FFI custom calls (``lapack_spotrf_ffi``, ``lapack_strsm_ffi``, ...). Batched, such a
+call splits its matrices over XLA's intra-op thread pool (``jax::ParallelBatchMap``) and blocks until
+they are done. When XLA runs two of them at once on the pool's workers (independent branches of one
+program, after an asynchronous while loop), every worker blocks waiting for work that only a worker
+could run: the process hangs at 0% CPU. ``bench/lapack_deadlock.py`` reproduces it with jax and numpy
+alone; ``docs/robustness.md`` tells the whole story. No compiled jaxcf function calls a LAPACK kernel
+(``tests/test_linalg.py`` checks the compiled programs): the F x F systems of the Gibbs sampler and of
+alternating least squares are solved here instead, with matrix-vector products in a ``fori_loop`` of
+F steps. For the sizes jaxcf uses (F up to a few hundred, many matrices at once) this costs about what
+LAPACK's unblocked kernels cost, and it runs the same on every backend.
+
+Every function takes any number of leading batch dimensions. What does not live here: the samplers and
+solvers that use them (``jaxcf.gibbs``, ``jaxcf.als``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Exact float32 products on accelerators too (no TF32 / bf16 passes).
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _matvec(matrix: jax.Array, vector: jax.Array) -> jax.Array:
+    return jnp.einsum("...ij,...j->...i", matrix, vector, precision=HIGHEST)
+
+
+def cholesky(a: jax.Array) -> jax.Array:
+    """The lower Cholesky factor ``L`` of symmetric positive definite matrices (``a = L @ L.T``).
+
+    The left-looking algorithm, one column per step: column ``j`` is ``a[:, j] - L[:, :j] @ L[j, :j]``
+    scaled by the square root of its diagonal entry. Only the lower triangle of ``a`` is read.
+
+    Args:
+      a: float[..., F, F] symmetric positive definite.
+
+    Returns:
+      float[..., F, F] lower triangular; NaN where ``a`` is not positive definite (as LAPACK's
+      wrapper in JAX returns).
+    """
+    size = a.shape[-1]
+    rows = jnp.arange(size)
+
+    def column(j, factor):
+        # factor's columns >= j are still zero, so factor @ factor[j] sums over the columns < j only.
+        done = _matvec(factor, factor[..., j, :])
+        v = a[..., :, j] - done
+        pivot = jnp.sqrt(v[..., j])
+        new = jnp.where(rows >= j, v / pivot[..., None], 0.0)
+        return factor.at[..., :, j].set(new)
+
+    return jax.lax.fori_loop(0, size, column, jnp.zeros_like(a))
+
+
+def solve_lower(factor: jax.Array, b: jax.Array) -> jax.Array:
+    """``x`` with ``factor @ x = b`` for lower triangular ``factor`` (forward substitution).
+
+    Args:
+      factor: float[..., F, F] lower triangular (entries above the diagonal are ignored).
+      b: float[..., F] right-hand sides.
+
+    Returns:
+      float[..., F].
+    """
+    size = factor.shape[-1]
+
+    def step(j, x):
+        # x's entries >= j are still zero, so the product sums over the entries < j only.
+        partial = jnp.sum(factor[..., j, :] * x, axis=-1)
+        return x.at[..., j].set((b[..., j] - partial) / factor[..., j, j])
+
+    return jax.lax.fori_loop(0, size, step, jnp.zeros_like(b))
+
+
+def solve_lower_transpose(factor: jax.Array, b: jax.Array) -> jax.Array:
+    """``x`` with ``factor.T @ x = b`` for lower triangular ``factor`` (back substitution).
+
+    Args:
+      factor: float[..., F, F] lower triangular (entries above the diagonal are ignored).
+      b: float[..., F] right-hand sides.
+
+    Returns:
+      float[..., F].
+    """
+    size = factor.shape[-1]
+
+    def step(k, x):
+        j = size - 1 - k
+        # Row j of factor.T is column j of factor; x's entries <= j are still zero.
+        partial = jnp.sum(factor[..., :, j] * x, axis=-1)
+        return x.at[..., j].set((b[..., j] - partial) / factor[..., j, j])
+
+    return jax.lax.fori_loop(0, size, step, jnp.zeros_like(b))
+
+
+def cho_solve(factor: jax.Array, b: jax.Array) -> jax.Array:
+    """``x`` with ``a @ x = b``, given ``factor = cholesky(a)``.
+
+    Args:
+      factor: float[..., F, F] from :func:`cholesky`.
+      b: float[..., F].
+
+    Returns:
+      float[..., F].
+    """
+    return solve_lower_transpose(factor, solve_lower(factor, b))
+
+
+def inverse_root(precision: jax.Array) -> jax.Array:
+    """``M`` with ``M @ M.T == inv(precision)``: ``inv(L).T`` for ``precision = L @ L.T``.
+
+    Args:
+      precision: float[..., F, F] symmetric positive definite.
+
+    Returns:
+      float[..., F, F] upper triangular.
+    """
+    factor = cholesky(precision)
+    eye = jnp.broadcast_to(jnp.eye(precision.shape[-1], dtype=precision.dtype), precision.shape)
+    # Column i of inv(L).T solves L.T m = e_i; vmap the vector solve over the columns.
+    columns = jax.vmap(solve_lower_transpose, in_axes=(None, -1), out_axes=-1)(factor, eye)
+    return columns
