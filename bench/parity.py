@@ -34,7 +34,8 @@ import torch.nn as nn
 from jaxcf import config as jconfig
 from jaxcf import data as jdata
 from jaxcf import evaluate as jevaluate
-from jaxcf import train as jtrain
+from jaxcf import sgd as jsgd
+from jaxcf import trainer as jtrainer
 from reference_torch import notebook as nb
 from reference_torch import weights as W
 from reference_torch.train import build_model, build_optimizer
@@ -52,7 +53,7 @@ def run_case(name: str, dataset, data, epochs: int, seed: int) -> dict:
     config = jconfig.load(config_name, [*overrides, f"train.epochs={epochs}"])
     if (config.optim.b1, config.optim.b2, config.optim.eps) != (0.9, 0.999, 1e-8):
         raise SystemExit(f"{config_name}: Adam constants differ from PyTorch's defaults used by the port")
-    setup = jtrain.make_setup(config, dataset)
+    setup = jsgd.make_setup(config, dataset)
     df, users, movies, mask = data
     low, high = float(df["rating"].min()), float(df["rating"].max())
     model = build_model(
@@ -73,17 +74,17 @@ def run_case(name: str, dataset, data, epochs: int, seed: int) -> dict:
     torch_seconds = time.perf_counter() - start
 
     jax_epochs = []
-    predict_fn = jevaluate.make_predict_fn(setup.y_range)
     ratings, valid = dataset.ratings, dataset.split.valid
 
     def on_epoch(state, progress, record):
-        predictions = jevaluate.predict_chunked(
-            predict_fn, state.params, ratings.users[valid], ratings.items[valid], config.train.eval_batch_size
+        predictions = jevaluate.predict_pairs(
+            state.params, ratings.users[valid], ratings.items[valid], setup.y_range, chunk=config.train.eval_batch_size
         )
         jax_epochs.append((predictions, record))
 
     start = time.perf_counter()
-    jtrain.fit(setup, jtrain.init_state(setup, params=init), orders=orders, on_epoch=on_epoch)
+    family = jsgd.family(setup, orders=orders)
+    jtrainer.train(family, config, jsgd.init_state(setup, params=init), on_epoch=on_epoch)
     jax_seconds = time.perf_counter() - start
 
     targets = ratings.ratings[valid].astype(np.float64)

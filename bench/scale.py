@@ -13,7 +13,7 @@ For each size, a fresh child process (so that peak RSS is per size) does what a 
    the run its parts (sha256 of the file, pyarrow's read, conversion, factorize) are timed apart;
 3. split 80/20 as the notebook does, store the training rows by user (``jaxcf.steps.rows_by_user``),
    and train the biased model (50 factors) with a row-sparse optimizer for ``--epochs`` epochs as
-   ``jaxcf.train.fit`` runs them: compilation is timed apart (ahead-of-time ``lower().compile()``);
+   ``jaxcf.trainer.fit`` runs them: compilation is timed apart (ahead-of-time ``lower().compile()``);
    each epoch draws its order on the host (``jaxcf.steps.shuffle_order``, timed as ``order_s``),
    runs the compiled scan, and ends with the validation RMSE (not timed in the epoch).
 
@@ -35,7 +35,7 @@ learns. (user, item) pairs may repeat; ``load_csv`` keeps each row as its own ra
 
 Why a batch of 262,144 by default: a row-sparse step costs a fixed part per batch (for tables a
 batch covers well, ``lazy_adam`` computes every row and keeps the untouched ones: see
-``jaxcf.optim.RowSparse.dense_rows_per_id``) plus gathers and scatters per rating, so larger
+``jaxcf.sparse.RowSparse.dense_rows_per_id``) plus gathers and scatters per rating, so larger
 batches amortise the fixed part. Measured here at 5M ratings: 0.50M ratings/s at 262,144 against
 0.34M at 65,536 (load average about 5). Adam's step size does not grow with the batch, so the
 default learning rate is 1e-2 (not the notebook's 1e-3) to make two epochs at this batch size
@@ -144,7 +144,7 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxcf import evaluate, models, optim, steps
+    from jaxcf import evaluate, models, optim, rng, sparse, steps
     from jaxcf.config import OptimConfig
     from jaxcf.data import load_csv, random_split
 
@@ -156,7 +156,7 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
 
     split = random_split(len(ratings), 0.2, args.seed)
     start = time.perf_counter()
-    train_rows = steps.rows_by_user(ratings.users, split.train)  # as jaxcf.train.make_setup stores them
+    train_rows = steps.rows_by_user(ratings.users, split.train)  # as jaxcf.sgd.make_setup stores them
     record["rows_by_user_s"] = time.perf_counter() - start
     valid_rows = split.valid
     record["num_train"], record["num_valid"] = len(train_rows), len(valid_rows)
@@ -169,14 +169,15 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
     del ratings, split, train_rows, valid_rows
 
     config = OptimConfig(name=args.optimizer, learning_rate=args.learning_rate, weight_decay=args.weight_decay)
-    optimizer = optim.build(config)
+    optimizer = optim.build(config, args.epochs)
     model = models.build("bias", num_users, num_items, args.n_factors, y_range)
     params = models.init_params(model, jax.random.key(args.seed))
     state = steps.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
-    dense_chunk = steps.DENSE_CHUNK if args.dense_chunk is None else args.dense_chunk
+    dense_chunk = sparse.DENSE_CHUNK if args.dense_chunk is None else args.dense_chunk
     record["dense_chunk"] = dense_chunk
-    epoch_fn = steps.make_train_epoch(optimizer, y_range, args.batch_size, dense_chunk)
-    shuffle_key = jax.random.fold_in(jax.random.key(args.seed), 1)
+    epoch_fn = steps.make_train_epoch(optimizer, y_range, args.batch_size, dense_chunk=dense_chunk)
+    l2 = jnp.float32(0)
+    shuffle_key = rng.stream(args.seed, "order")
     num_train = int(users.shape[0])
 
     def draw(epoch):
@@ -185,21 +186,20 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
 
     order, _ = draw(0)
     start = time.perf_counter()
-    compiled = epoch_fn.lower(state, users, items, targets, order).compile()
+    compiled = epoch_fn.lower(state, l2, users, items, targets, order).compile()
     record["compile_s"] = time.perf_counter() - start
 
-    predict_fn = evaluate.make_predict_fn(y_range)
     epochs = []
     for epoch in range(args.epochs):
-        # As jaxcf.train.fit runs an epoch: draw its order on the host, run the compiled scan, wait
+        # As jaxcf's SGD family runs an epoch: draw its order on the host, run the compiled scan, wait
         # for the losses. epoch_s is all of it, wall clock.
         start, cpu_start = time.perf_counter(), time.process_time()
         order, order_s = draw(epoch)
-        state, losses = compiled(state, users, items, targets, order)
+        state, losses = compiled(state, l2, users, items, targets, order)
         losses = np.asarray(losses)  # the epoch's one host sync
         epoch_s, epoch_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         start = time.perf_counter()
-        predictions = evaluate.predict_chunked(predict_fn, state.params, valid[0], valid[1], 1 << 20)
+        predictions = evaluate.predict_pairs(state.params, valid[0], valid[1], y_range, chunk=1 << 20)
         valid_s = time.perf_counter() - start
         epochs.append({
             "epoch": epoch + 1,
@@ -218,9 +218,9 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
     epoch_s = float(np.median([e["epoch_s"] for e in timed]))
     record["order_s"] = float(np.median([e["order_s"] for e in timed]))
     # Drawing the next epoch's order while the device runs this one (measured slower: the two
-    # contend for memory bandwidth; jaxcf.train.fit draws it first). One more epoch, after the timed ones.
+    # contend for memory bandwidth; jaxcf's epoch draws it first). One more epoch, after the timed ones.
     start = time.perf_counter()
-    state, losses = compiled(state, users, items, targets, order)
+    state, losses = compiled(state, l2, users, items, targets, order)
     draw(args.epochs)
     np.asarray(losses)
     record["overlapped_epoch_s"] = time.perf_counter() - start

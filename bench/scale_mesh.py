@@ -12,7 +12,7 @@ on the bundled ml-latest-small ratings under every mesh of ``k`` devices that th
 ``1xk``  pure model parallel: every device holds ``1/k`` of every table and the whole batch.
 
 One epoch is the first ``--ratings`` positions of the seeded shuffle (256 batches of 64 by
-default), as ``jaxcf.train.fit`` would run them: for a mesh that includes building the batches on
+default), as ``jaxcf.trainer.fit`` would run them: for a mesh that includes building the batches on
 the host (``distributed.ShardedEpoch.batches``), timed separately as ``host_batches_s``. Compilation
 is timed apart (ahead-of-time ``lower().compile()``). ``ratings_per_s`` is ratings over the median
 epoch time of the epochs after the first. ``state_bytes_per_device`` is the largest amount of
@@ -64,14 +64,14 @@ def measure(args: argparse.Namespace, dataset, optimizer: str, data: int, model:
     import jax.numpy as jnp
 
     from jaxcf import config as cfg
-    from jaxcf import distributed, steps, train
+    from jaxcf import distributed, rng, sgd, steps
 
     config = cfg.load("bias.yaml", [
         f"optim.name={optimizer}", f"train.batch_size={args.batch_size}", f"mesh.data={data}", f"mesh.model={model}",
     ])
-    setup = train.make_setup(config, dataset)
+    setup = sgd.make_setup(config, dataset)
     ratings, rows = dataset.ratings, setup.train_rows
-    shuffle_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    shuffle_key = rng.stream(config.seed, "order")
     orders = [
         steps.shuffle_order(shuffle_key, e, len(rows), args.batch_size)[: args.ratings] for e in range(args.epochs)
     ]
@@ -81,29 +81,27 @@ def measure(args: argparse.Namespace, dataset, optimizer: str, data: int, model:
               "batch_size": args.batch_size, "ratings_per_epoch": num_ratings}
 
     if layout is None:
-        state = train.init_state(setup)
+        state = sgd.init_state(setup)
         host = (jnp.asarray(ratings.users[rows]), jnp.asarray(ratings.items[rows]), jnp.asarray(ratings.ratings[rows]))
         epoch_fn = steps.make_train_epoch(setup.optimizer, setup.y_range, args.batch_size)
         start = time.perf_counter()
-        compiled = epoch_fn.lower(state, *host, jnp.asarray(orders[0])).compile()
+        compiled = epoch_fn.lower(state, jnp.float32(0), *host, jnp.asarray(orders[0])).compile()
         record["compile_s"] = time.perf_counter() - start
 
         def run(state, order):
             start = time.perf_counter()
-            state, losses = compiled(state, *host, jnp.asarray(order))
+            state, losses = compiled(state, jnp.float32(0), *host, jnp.asarray(order))
             np.asarray(losses)
             return state, time.perf_counter() - start, 0.0
 
     else:
-        state = layout.init(lambda: train.init_state(setup))
+        state = layout.init(lambda: sgd.init_state(setup))
         host = (ratings.users[rows], ratings.items[rows], ratings.ratings[rows])
-        epoch = layout.make_train_epoch(
-            setup.optimizer, setup.y_range, args.batch_size,
-            make_step=steps.make_train_step, make_packed_step=steps.make_packed_sparse_step,
-        )
+        epoch = distributed.ShardedEpoch(layout, steps.make_epoch_body(setup.optimizer, setup.y_range),
+                                         args.batch_size)
         batches = epoch.batches(*host, orders[0])
         start = time.perf_counter()
-        compiled = epoch.jitted(state).lower(state, batches).compile()
+        compiled = epoch.jitted(state).lower(state, jnp.float32(0), batches).compile()
         record["compile_s"] = time.perf_counter() - start
         record["temp_bytes"] = compiled.memory_analysis().temp_size_in_bytes
 
@@ -111,7 +109,7 @@ def measure(args: argparse.Namespace, dataset, optimizer: str, data: int, model:
             start = time.perf_counter()
             batches = _sync(epoch.batches(*host, order))
             built = time.perf_counter()
-            state, losses = compiled(state, batches)
+            state, losses = compiled(state, jnp.float32(0), batches)
             np.asarray(losses)
             return state, time.perf_counter() - start, built - start
 

@@ -17,7 +17,7 @@ Each part is one jitted function, timed after a warm-up call (median of ``--repe
   ``shuffle_order`` (which adds the per-batch sort, timed alone too), and the device-side take of
   one column by the order (random, and batch-sorted).
 
-What does not live here: the step itself (``jaxcf.steps.make_packed_sparse_step``).
+What does not live here: the step itself (``jaxcf.sparse.make_packed_step``).
 """
 
 from __future__ import annotations

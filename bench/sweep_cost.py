@@ -12,7 +12,7 @@ Two measurements, both on the same config, the same K seeds and the same number 
   they are for a user.
 - **Training alone** (steady state, compiled, in this process): the median time of one epoch of
   ``jaxcf.steps.make_train_epoch`` (one model) against one epoch of
-  ``jaxcf.members.make_members_epoch`` with K members, and the compile time of each
+  ``jaxcf.steps.make_members_epoch`` with K members, and the compile time of each
   (``lower().compile()``).
 
 Other processes on the machine skew wall times: the load average is recorded before and after, and
@@ -76,11 +76,11 @@ def time_epochs(config_name: str, models: int, overrides: list[str], repeats: in
     import jax.numpy as jnp
 
     from jaxcf import config as jconfig
-    from jaxcf import data, members, steps, train
+    from jaxcf import data, members, sgd, steps
 
     config = jconfig.load(config_name, overrides)
     dataset = data.load(config.data, config.seed)
-    setup = train.make_setup(config, dataset)
+    setup = sgd.make_setup(config, dataset)
     ratings, rows = dataset.ratings, setup.train_rows
     users, items, targets = (jnp.asarray(x[rows]) for x in (ratings.users, ratings.items, ratings.ratings))
     n = len(rows)
@@ -102,12 +102,13 @@ def time_epochs(config_name: str, models: int, overrides: list[str], repeats: in
         return compile_s, times, cpu_times
 
     single_fn = steps.make_train_epoch(setup.optimizer, setup.y_range, config.train.batch_size)
-    single_compile, single, single_cpu = timed(single_fn, train.init_state(setup), users, items, targets, order)
+    single_compile, single, single_cpu = timed(single_fn, sgd.init_state(setup), jnp.float32(0), users, items,
+                                               targets, order)
 
     seeds = [members.Member(jconfig.load(config_name, [*overrides, f"seed={42 + k}"]), {}) for k in range(models)]
     tx = members.make_optimizer(config, steps.num_batches(n, config.train.batch_size))
     state = members.init_members(setup, seeds, tx)
-    members_fn = members.make_members_epoch(tx, setup.y_range, config.train.batch_size)
+    members_fn = steps.make_members_epoch(tx, setup.y_range, config.train.batch_size)
     orders = jnp.stack([order] * models)
     members_compile, many, many_cpu = timed(members_fn, state, jnp.zeros(models), users, items, targets, orders)
     return {

@@ -13,7 +13,7 @@ What is timed, each at least ``--repeats`` times (medians reported):
   PyTorch sees a GPU, else on the CPU.
 - ``torch_workers0_epoch_s``: the same with the batches loaded in the main process
   (``num_workers=0``), the faster setting on a 2-core machine; ``speedup_vs_workers0`` compares to it.
-- ``jax_epoch_s``: one epoch of ``jaxcf.train.fit`` (one compiled ``lax.scan`` over the epoch, one host
+- ``jax_epoch_s``: one epoch of ``jaxcf.trainer.fit`` (one compiled ``lax.scan`` over the epoch, one host
   sync, then the validation and the metrics), epochs after the first; on JAX's default backend.
 - ``*_train_s``: the same without the validation (jaxcf's own ``train_seconds``; for torch, the epoch
   minus a separately timed ``validate`` call).
@@ -54,17 +54,18 @@ def time_jaxcf(repeats: int) -> dict:
     import jax
 
     from jaxcf import config as jconfig
-    from jaxcf import data, steps, train
+    from jaxcf import data, sgd, steps, trainer
 
     config = jconfig.load("bias.yaml", ["optim.name=adam", f"train.epochs={repeats + 1}"])
     dataset = data.load(config.data, config.seed)
-    setup = train.make_setup(config, dataset)
+    setup = sgd.make_setup(config, dataset)
 
     # Compilation alone, ahead of time, on a separate jit of the same epoch function.
     ratings = dataset.ratings
     rows = setup.train_rows
     args = (
-        train.init_state(setup),
+        sgd.init_state(setup),
+        jax.numpy.float32(0),
         jax.numpy.asarray(ratings.users[rows]),
         jax.numpy.asarray(ratings.items[rows]),
         jax.numpy.asarray(ratings.ratings[rows]),
@@ -74,8 +75,8 @@ def time_jaxcf(repeats: int) -> dict:
     steps.make_train_epoch(setup.optimizer, setup.y_range, config.train.batch_size).lower(*args).compile()
     compile_s = time.perf_counter() - start
 
-    records = []
-    train.fit(setup, on_epoch=lambda state, progress, record: records.append(record))
+    with open(os.devnull, "w") as silent:
+        records = trainer.fit(config, dataset, quiet=True, out=silent).history
     later = records[1:]  # the first epoch also compiles
     return {
         "jax_epoch_s": statistics.median(r["seconds"] for r in later),

@@ -1,44 +1,52 @@
-"""jaxcf: explicit-rating collaborative filtering in JAX/Flax.
+"""jaxcf: collaborative filtering in JAX/Flax.
 
-Public API re-exports only; importing jaxcf has no side effects. The inference names are loaded
-on first use, so that ``python -m jaxcf.recommend`` does not find its own module pre-imported.
+Public API re-exports only; importing jaxcf has no side effects. ``jaxcf.fit`` is resolved on first
+use: training brings optax and orbax, which loading a model and predicting never needs.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from jaxcf.config import Config, ConfigError
-from jaxcf.data import DataError
+from jaxcf.config import Config
+from jaxcf.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    JaxcfError,
+    ModelError,
+    TrainingDiverged,
+    TrainingStalled,
+    UnknownIdError,
+    WorkdirError,
+)
+from jaxcf.inference import Model, Predictions, Ranking, load_model
 from jaxcf.models import EmbeddingDot, EmbeddingDotBias
-
-_LAZY = {
-    "ModelError": "jaxcf.export",
-    "Model": "jaxcf.recommend",
-    "Predictions": "jaxcf.recommend",
-    "Ranking": "jaxcf.recommend",
-    "UnknownIdError": "jaxcf.recommend",
-    "load_model": "jaxcf.recommend",
-}
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    if name == "fit":  # the training stack, imported only when asked for (see the module docstring)
+        from jaxcf.api import fit
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return fit
     raise AttributeError(f"module 'jaxcf' has no attribute {name!r}")
 
 
 __all__ = [
+    "CheckpointError",
     "Config",
     "ConfigError",
     "DataError",
     "EmbeddingDot",
     "EmbeddingDotBias",
+    "JaxcfError",
     "Model",
     "ModelError",
     "Predictions",
     "Ranking",
+    "TrainingDiverged",
+    "TrainingStalled",
     "UnknownIdError",
+    "WorkdirError",
     "__version__",
+    "fit",
     "load_model",
 ]

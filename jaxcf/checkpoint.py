@@ -1,16 +1,23 @@
-"""Resumable training checkpoints (orbax-checkpoint).
+"""Resumable training checkpoints (orbax-checkpoint), each sealed with a manifest of its files' sha256.
 
-Checkpoints live in ``WORKDIR/checkpoints/<epoch>/``: the training state pytree (params,
-optimizer state, step) through orbax's ``StandardSave``, plus a JSON record of everything else a
-bitwise-exact resume needs (the epoch, the notebook's running loss average and batch count, the
-metric history). Orbax writes each checkpoint to a temporary folder and renames it when complete,
-so a killed process never leaves a half checkpoint that looks whole.
+Checkpoints live in ``WORKDIR/checkpoints/<epoch>/``: the training state pytree (a family's state,
+and the best parameters under early stopping) through orbax's ``StandardSave``, plus a JSON record of
+everything else a bitwise-exact resume needs (the epoch, the metric history, the family's host-side
+state). Orbax writes each checkpoint to a temporary folder and renames it when complete; jaxcf then
+writes ``MANIFEST`` (every file's size and sha256) into it. On restore every file is checked against
+the manifest first, so a flipped byte or a truncated file is an error that names the file, never a
+resume with other weights. A checkpoint without a manifest was cut short between the two steps (a
+kill): it is skipped, with a note, in favour of the one before.
 
-What does not live here: the portable model export (``jaxcf.export``).
+What does not live here: the portable model export (``jaxcf.export``), the loop that decides when to
+save (``jaxcf.trainer``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,11 +25,11 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxcf.errors import CheckpointError
+from jaxcf.fileio import atomic_write_text
+
 CHECKPOINT_DIR = "checkpoints"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be restored; the message is one line meant for the user."""
+MANIFEST = "MANIFEST"
 
 
 def manager(workdir: str | Path, keep: int = 2) -> ocp.CheckpointManager:
@@ -34,14 +41,95 @@ def manager(workdir: str | Path, keep: int = 2) -> ocp.CheckpointManager:
     )
 
 
+def _root(mngr: ocp.CheckpointManager) -> Path:
+    """The manager's folder as a plain local path (orbax gives an ``etils.epath.Path``)."""
+    return Path(str(mngr.directory))
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def _digests(folder: Path) -> dict[str, dict]:
+    """``{relative path: {"bytes": n, "sha256": hex}}`` of every file under ``folder`` but the manifest."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        out[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return out
+
+
 def save(mngr: ocp.CheckpointManager, epoch: int, state: Any, progress: Mapping[str, Any]) -> None:
-    """Saves the state after ``epoch`` (1-based) and waits until it is on disk."""
-    mngr.save(
-        epoch,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(dict(progress))),
-        force=True,
-    )
-    mngr.wait_until_finished()
+    """Saves the state after ``epoch`` (1-based), waits until it is on disk and seals it with a manifest.
+
+    Raises:
+      CheckpointError: when it cannot be written (a full disk, permissions); the previous
+        checkpoints are untouched.
+    """
+    folder = _root(mngr) / str(epoch)
+    try:
+        if folder.exists():  # an unsealed copy of this epoch left by a killed run
+            shutil.rmtree(folder)
+            mngr.reload()
+        mngr.save(
+            epoch,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(dict(progress))),
+            force=True,
+        )
+        mngr.wait_until_finished()
+        if jax.process_index() == 0:
+            atomic_write_text(folder / MANIFEST, json.dumps({"epoch": epoch, "files": _digests(folder)}, indent=1))
+    except Exception as err:  # orbax/tensorstore raise many types for a failed write (OSError among them)
+        shutil.rmtree(folder, ignore_errors=True)
+        raise CheckpointError(
+            f"cannot write the checkpoint of epoch {epoch} in {_root(mngr)} ({type(err).__name__}: "
+            f"{_first_line(err)}); free space or fix permissions, then continue with --resume "
+            "from the last checkpoint"
+        ) from None
+
+
+def verify(folder: Path) -> str | None:
+    """What is wrong with the checkpoint in ``folder`` (a missing manifest, a changed, missing or extra
+    file), or None when every file matches its manifest."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return "it has no MANIFEST (its save was cut short)"
+    try:
+        listed = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return "its MANIFEST is unreadable"
+    actual = _digests(folder)
+    for name, expected in listed.items():
+        if name not in actual:
+            return f"{name} is missing"
+        if actual[name] != expected:
+            return f"{name} changed after it was saved (sha256 {actual[name]['sha256'][:12]}…, expected " \
+                   f"{str(expected.get('sha256'))[:12]}…)"
+    extra = sorted(set(actual) - set(listed))
+    if extra:
+        return f"{extra[0]} was added after it was saved"
+    return None
+
+
+def latest_sealed(mngr: ocp.CheckpointManager) -> tuple[int | None, list[int]]:
+    """The newest checkpoint with a manifest, and the newer unsealed ones (removed: a killed save).
+
+    Returns:
+      (epoch or None, the unsealed epochs that were removed).
+    """
+    removed, found = [], None
+    for epoch in sorted(mngr.all_steps(), reverse=True):
+        if (_root(mngr) / str(epoch) / MANIFEST).is_file():
+            found = epoch
+            break
+        shutil.rmtree(_root(mngr) / str(epoch), ignore_errors=True)
+        removed.append(epoch)
+    if removed:
+        mngr.reload()
+    return found, removed
 
 
 def _path_shapes(tree: Any) -> dict[tuple, tuple]:
@@ -58,30 +146,60 @@ def _path_shapes(tree: Any) -> dict[tuple, tuple]:
     return {tuple(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
 
 
-def _rows_differ_only(saved: dict[tuple, tuple], target: dict[tuple, tuple]) -> bool:
-    """Whether the saved and target shapes differ, and only in their leading (row) dimensions."""
+def _rows_differ_only(saved: dict[tuple, tuple], target: dict[tuple, tuple], axes: dict[tuple, int | None]) -> bool:
+    """Whether the saved and target shapes differ, and only along each leaf's row axis (a mesh's padding)."""
     if saved == target or saved.keys() != target.keys():
         return False
-    return all(a == b or (len(a) == len(b) >= 1 and a[1:] == b[1:]) for a, b in ((saved[k], target[k]) for k in saved))
+    for key in saved:
+        a, b = saved[key], target[key]
+        if a == b:
+            continue
+        axis = axes.get(key)
+        if axis is None or len(a) != len(b) or any(x != y for i, (x, y) in enumerate(zip(a, b)) if i != axis):
+            return False
+    return True
 
 
-def restore(mngr: ocp.CheckpointManager, epoch: int, abstract_state: Any) -> tuple[Any, dict]:
+def _path_axes(tree: Any, row_axes: Any) -> dict[tuple, int | None]:
+    """``{key path: row axis}``; without ``row_axes``, axis 0 of every leaf with a dimension."""
+    shapes = _path_shapes(tree)
+    if row_axes is None:
+        return {k: (0 if shape else None) for k, shape in shapes.items()}
+    axes = jax.tree.leaves(row_axes, is_leaf=lambda a: a is None)
+    return dict(zip(shapes, axes))
+
+
+def restore(mngr: ocp.CheckpointManager, epoch: int, abstract_state: Any, row_axes: Any = None) -> tuple[Any, dict]:
     """Restores (state, progress) saved after ``epoch``, shaped and placed like ``abstract_state``.
+
+    Every file is checked against the checkpoint's manifest first.
 
     Args:
       abstract_state: arrays, or ``jax.ShapeDtypeStruct`` with a ``sharding``: each leaf is restored
         with that leaf's shape, dtype and sharding, so a sharded target reads only each device's
         rows (``jaxcf.distributed.Layout.abstract`` builds one for a mesh).
+      row_axes: the same structure with each leaf's row axis (or None); default axis 0.
 
     A mesh stores tables padded with zero rows to a multiple of its ``model`` axis. When the saved
-    and target shapes differ only in their row counts, rows are padded with zeros or truncated to
-    the target's, so a run saved under one mesh resumes under another or on one device. (A resume
-    is refused before this when the config, and so the real table sizes, changed.)
+    and target shapes differ only along the row axes, rows are padded with zeros or truncated,
+    so a run saved under one mesh resumes under another or on one device. (A resume is refused
+    before this when the config or the data, and so the real table sizes, changed.)
+
+    Raises:
+      CheckpointError: a damaged or foreign checkpoint, naming the folder and what to do.
     """
+    folder = _root(mngr) / str(epoch)
+    problem = verify(folder)
+    if problem:
+        raise CheckpointError(
+            f"checkpoint {folder} fails its integrity check: {problem}; delete that folder to resume from an "
+            "earlier checkpoint"
+        )
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     try:
-        saved = ocp.StandardCheckpointHandler().metadata(mngr.directory / str(epoch) / "state")
-        strict = not _rows_differ_only(_path_shapes(saved.tree), _path_shapes(target))
+        saved = ocp.StandardCheckpointHandler().metadata(folder / "state")
+        axes = _path_axes(target, row_axes)
+        strict = not _rows_differ_only(_path_shapes(saved.tree), _path_shapes(target), axes)
         restored = mngr.restore(
             epoch,
             args=ocp.args.Composite(
@@ -90,9 +208,8 @@ def restore(mngr: ocp.CheckpointManager, epoch: int, abstract_state: Any) -> tup
         )
         progress = dict(restored["progress"])
     except Exception as err:  # orbax/tensorstore raise many types for damaged or foreign files
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise CheckpointError(
-            f"checkpoint {mngr.directory / str(epoch)} cannot be restored ({type(err).__name__}: {first}); "
+            f"checkpoint {folder} cannot be restored ({type(err).__name__}: {_first_line(err)}); "
             "delete that folder to resume from an earlier checkpoint"
         ) from None
     return restored["state"], progress

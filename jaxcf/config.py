@@ -5,27 +5,25 @@ Every default lives in the dataclasses below, and nowhere else. YAML is read wit
 :class:`ConfigError` with the dotted key, what is allowed and, for unknown keys, a
 "did you mean". The training CLI turns that into one line on stderr and exit status 2.
 
-What does not live here: reading data (``jaxcf.data``), building optimizers (``jaxcf.optim``).
+What does not live here: parsing YAML and overrides into the dataclasses (``jaxcf.configfile``),
+reading data (``jaxcf.data``), building optimizers (``jaxcf.optim``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from jaxcf.configfile import apply_overrides, build, read_yaml, suggest
+from jaxcf.configfile import resolve_path as _resolve_path
+from jaxcf.errors import ConfigError
+
 PACKAGE_CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message is one line meant for the user."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +55,7 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     # adamw: decoupled decay (torch.optim.AdamW); adam: coupled L2 (torch.optim.Adam, the notebook's);
-    # lazy_adam: row-sparse Adam that only touches the rows in a batch (not the notebook's optimizer).
+    # lazy_adam, sgd: row-sparse, touching only the rows in a batch (jaxcf.optim; not the notebook's).
     name: str = "adamw"
     learning_rate: float = 1.0e-3
     weight_decay: float = 1.0e-4
@@ -66,11 +64,10 @@ class OptimConfig:
     eps: float = 1.0e-8
     # L2 on the rows each batch gathers, added to the loss per rating as in Surprise's SVD:
     # row_l2 * (|p_u|^2 + |q_i|^2 + b_u^2 + b_i^2) averaged over the batch (frequent rows are
-    # penalised more often). Trained by jaxcf.ensemble / jaxcf.sweep; 0 = off.
+    # penalised more often); 0 = off. adam and adamw only.
     row_l2: float = 0.0
     # Learning-rate schedule over the whole run, as a multiplier of learning_rate: constant,
-    # cosine (decay to 0) or onecycle (optax.cosine_onecycle_schedule). Non-constant schedules are
-    # trained by jaxcf.ensemble / jaxcf.sweep.
+    # cosine (decay to 0) or onecycle (optax.cosine_onecycle_schedule). adam and adamw only.
     schedule: str = "constant"
 
 
@@ -83,6 +80,10 @@ class TrainConfig:
     early_stopping_patience: int = 0
     # Validation runs in chunks of this many ratings; it does not change the result.
     eval_batch_size: int = 65536
+    # The watchdog: a run whose epoch has not finished after this many seconds (or 10x its slowest
+    # epoch so far, whichever is longer) dumps every thread's stack and exits with status 3, instead
+    # of waiting forever on a hung kernel. 0 turns it off.
+    stall_seconds: float = 600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,92 +144,10 @@ class Config:
 # Allowed values for enumerated keys: small explicit sets, no getattr dispatch.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.kind": ("dot", "bias"),
-    "optim.name": ("adamw", "adam", "lazy_adam"),
+    "optim.name": ("adamw", "adam", "lazy_adam", "sgd"),
     "optim.schedule": ("constant", "cosine", "onecycle"),
     "ensemble.method": ("seeds", "gibbs"),
 }
-
-
-def _known_keys(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def _suggest(key: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Checks and converts one leaf value to the annotated type."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
-    if value is None:
-        raise ConfigError(f"{key}: must not be null; expected {_type_name(tp)}")
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, e.g. [0.5, 5.0]; got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false; got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{key}: expected an integer; got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number; got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 (PyYAML) reads `1e-3` as a string because it lacks a dot; accept it as the
-            # number the user meant rather than failing on a technicality.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number; got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string; got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {tp!r}")
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, Mapping):
-        where = prefix.rstrip(".") or "the config"
-        raise ConfigError(f"{where}: expected a mapping of keys to values; got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    known = _known_keys(cls)
-    for key in raw:
-        if key not in known:
-            raise ConfigError(
-                f"unknown config key {prefix}{key!s}{_suggest(str(key), known)}; "
-                f"allowed keys here: {', '.join(known)}"
-            )
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in raw:
-            continue
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, raw[f.name], f"{prefix}{f.name}.")
-        else:
-            kwargs[f.name] = _coerce(raw[f.name], tp, f"{prefix}{f.name}")
-    return cls(**kwargs)
 
 
 def validate(config: Config) -> Config:
@@ -242,7 +161,7 @@ def validate(config: Config) -> Config:
         value = getattr(getattr(config, section), name)
         if value not in allowed:
             raise ConfigError(
-                f"{key}: unknown value {value!r}{_suggest(value, allowed)}; allowed: {', '.join(allowed)}"
+                f"{key}: unknown value {value!r}{suggest(value, allowed)}; allowed: {', '.join(allowed)}"
             )
 
     def positive(key: str, value: float) -> None:
@@ -272,6 +191,9 @@ def validate(config: Config) -> Config:
     at_least("mesh.model", config.mesh.model, 1)
     if config.distributed.num_processes is not None:
         at_least("distributed.num_processes", config.distributed.num_processes, 1)
+    if not (math.isfinite(config.train.stall_seconds) and config.train.stall_seconds >= 0):
+        raise ConfigError(f"train.stall_seconds: must be a finite number >= 0 (0: no watchdog); got "
+                          f"{config.train.stall_seconds!r}")
     if config.distributed.process_id is not None:
         at_least("distributed.process_id", config.distributed.process_id, 0)
     if not 0 < config.data.valid_fraction < 1:
@@ -290,7 +212,7 @@ def validate(config: Config) -> Config:
 
 
 def _validate_ensemble(config: Config) -> None:
-    """Checks ``ensemble.*`` and the optimizer extras that only the ensemble trainer implements."""
+    """Checks ``ensemble.*``, and the optimizer extras that only the dense optimizers implement."""
     ensemble = config.ensemble
     if not (math.isfinite(config.optim.row_l2) and config.optim.row_l2 >= 0):
         raise ConfigError(f"optim.row_l2: must be a finite number >= 0; got {config.optim.row_l2!r}")
@@ -316,26 +238,18 @@ def _validate_ensemble(config: Config) -> None:
             )
         if config.train.early_stopping_patience:
             raise ConfigError("train.early_stopping_patience does not apply to ensemble.method gibbs; set it to 0")
-    elif uses_ensemble_trainer(config) and config.optim.name not in ("adam", "adamw"):
+    elif config.optim.name not in ("adam", "adamw") and (
+        config.ensemble.size > 1 or config.optim.row_l2 > 0 or config.optim.schedule != "constant"
+    ):
         raise ConfigError(
-            f"optim.name {config.optim.name!r}: ensembles, optim.row_l2 and optim.schedule train with adam or adamw"
+            f"optim.name {config.optim.name!r}: ensembles, optim.row_l2 and optim.schedule train with adam or adamw "
+            "(the row-sparse optimizers keep their hyper-parameters outside the state)"
         )
-
-
-def uses_ensemble_trainer(config: Config) -> bool:
-    """Whether ``config`` needs ``jaxcf.ensemble`` rather than the single-model loop of ``jaxcf.train``:
-    an ensemble, or an optimizer extra (row_l2, a schedule) that only that trainer implements."""
-    return (
-        config.ensemble.size > 1
-        or config.ensemble.method != "seeds"
-        or config.optim.row_l2 > 0
-        or config.optim.schedule != "constant"
-    )
 
 
 def from_dict(raw: Mapping[str, Any] | None) -> Config:
     """Builds and validates a Config from nested plain data (as YAML gives it)."""
-    return validate(_build(Config, raw or {}, ""))
+    return validate(build(Config, raw or {}, ""))
 
 
 def to_dict(config: Config) -> dict[str, Any]:
@@ -357,59 +271,7 @@ def resolve_path(name: str | Path) -> Path:
     Raises:
       ConfigError: when neither exists.
     """
-    path = Path(name)
-    if path.is_file():
-        return path
-    for candidate in (PACKAGE_CONFIG_DIR / path.name, PACKAGE_CONFIG_DIR / f"{path.name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    shipped = ", ".join(sorted(p.name for p in PACKAGE_CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"config file not found: {str(name)!r}; give a path to a YAML file or one of: {shipped}")
-
-
-def read_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {err}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
-        raise ConfigError(f"YAML syntax error in {str(path)!r}{where}: {problem}") from None
-
-
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Applies ``key.sub=value`` strings; each value is parsed as YAML (so `null`, `[0, 5]` work)."""
-    raw = _deep_copy(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value (e.g. optim.learning_rate=3e-3); got {item!r}")
-        key, _, text = item.partition("=")
-        key = key.strip()
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {key}: cannot parse value {text!r}") from None
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = value
-    return raw
-
-
-def _deep_copy(raw: Any) -> Any:
-    if isinstance(raw, Mapping):
-        return {k: _deep_copy(v) for k, v in raw.items()}
-    if isinstance(raw, list):
-        return [_deep_copy(v) for v in raw]
-    return raw
+    return _resolve_path(name, PACKAGE_CONFIG_DIR)
 
 
 def load(name: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:

@@ -3,18 +3,18 @@
     python -m jaxcf.crossval --config C [--splits u1,u2,u3,u4,u5] [--set KEY=VALUE ...]
                              [--holdout FRACTION] [--workdir DIR] [--out results.json]
 
-For each split the config is trained by ``jaxcf.train.run`` (a single model or an ensemble, exactly
-as ``python -m jaxcf.train`` would) into ``WORKDIR/<split>``. The exported model is then read back
-and scored on the split's validation ratings: RMSE, MAE and the ranking metrics of
-``jaxcf.ranking``, so the figures are those of the model on disk. The summary gives each metric's
+For each split the config is trained by ``jaxcf.trainer.fit`` (any model, exactly as ``python -m
+jaxcf.train`` would) into ``WORKDIR/<split>``. The exported model is then read back and scored on the
+split's validation ratings (``jaxcf.evaluate.final_metrics``: RMSE, MAE and the ranking metrics of
+``jaxcf.ranking``), so the figures are those of the model on disk. The summary gives each metric's
 mean and sample standard deviation (ddof 1) over the splits.
 
 ``--holdout F`` trains on 1 - F of each split's training rows and scores on the other F (the split's
 validation rows are not used at all): the way to choose hyper-parameters without looking at the
 folds one reports.
 
-What does not live here: training (``jaxcf.train``, ``jaxcf.ensemble``), the metrics themselves
-(``jaxcf.evaluate``, ``jaxcf.ranking``).
+What does not live here: training (``jaxcf.trainer``), the metrics themselves (``jaxcf.evaluate``,
+``jaxcf.ranking``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
-import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -31,43 +31,29 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxcf import ensemble, ranking, train
+from jaxcf import cli, evaluate, export, trainer
 from jaxcf.config import Config, ConfigError, load, to_dict
-from jaxcf.data import DataError, Dataset
+from jaxcf.data import Dataset, holdout
 from jaxcf.data import load as load_dataset
-from jaxcf.export import ModelError
-from jaxcf.fileio import atomic_write_text
-from jaxcf.sweep import holdout_split
+from jaxcf.fileio import atomic_write_text, strict_json
 
 SUMMARY_METRICS = ("valid_rmse", "valid_mae", "precision@10", "recall@10", "ndcg@10")
 
 
-def split_dataset(config: Config, split: str | None, holdout: float | None) -> tuple[Config, Dataset]:
+def split_dataset(config: Config, split: str | None, holdout_fraction: float | None) -> tuple[Config, Dataset]:
     """The config with ``data.split`` set, and its dataset (a holdout of its training rows if asked)."""
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, split=split))
     dataset = load_dataset(config.data, config.seed)
-    if holdout is not None:
-        dataset = holdout_split(dataset, holdout, config.seed)
+    if holdout_fraction is not None:
+        dataset = holdout(dataset, holdout_fraction, config.seed)
     return config, dataset
 
 
 def score_export(workdir: Path, dataset: Dataset) -> dict[str, float]:
     """RMSE, MAE and ranking metrics of the model exported in ``workdir`` on ``dataset``'s split."""
-    model = ensemble.read_any(workdir)
-    info = model.metadata["model"]
-    y_range = tuple(info["y_range"]) if info["kind"] == "bias" else None
-    ratings = dataset.ratings
-    train_rows, valid_rows = dataset.split.train, dataset.split.valid
-    predictions = ensemble.predict_pairs(model.weights, y_range, ratings.users[valid_rows], ratings.items[valid_rows])
-    targets = ratings.ratings[valid_rows].astype(np.float64)
-    diff = predictions.astype(np.float64) - targets
-    metrics = {"valid_rmse": math.sqrt(float(np.mean(diff**2))), "valid_mae": float(np.mean(np.abs(diff)))}
-    metrics.update(ranking.model_ranking_metrics(
-        model.weights, y_range, ratings.num_items,
-        (ratings.users[train_rows], ratings.items[train_rows]),
-        (ratings.users[valid_rows], ratings.items[valid_rows], ratings.ratings[valid_rows]),
-    ))
-    return metrics
+    model = export.read(workdir)
+    y_range = tuple(model.model["y_range"]) if model.model["kind"] == "bias" else None
+    return evaluate.final_metrics(dataset, y_range, model.weights)
 
 
 def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -95,7 +81,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         config = load(args.config, args.set)
         splits: list[str | None] = [config.data.split]
         if args.splits is not None:
@@ -104,39 +91,38 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"--splits: empty split name in {args.splits!r}; e.g. --splits u1,u2,u3,u4,u5")
         stem = Path(args.config).stem if args.config else "run"
         workdir = args.workdir or Path("runs") / f"crossval-{stem}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
+        out_path = args.out or workdir / "crossval.json"
+        if out_path.is_dir():
+            raise ConfigError(f"--out {out_path}: is a directory; give the path of a JSON file to write")
         rows = []
         for split in splits:
             name = split or "random"
             split_config, dataset = split_dataset(config, split, args.holdout)
             start = time.perf_counter()
-            with open("/dev/null", "w") as quiet_out:
-                train.run(split_config, workdir / name, quiet=True, dataset=dataset, out=quiet_out)
+            with open(os.devnull, "w") as quiet_out:
+                trainer.fit(split_config, dataset, workdir=workdir / name, quiet=True, out=quiet_out)
             seconds = time.perf_counter() - start
             metrics = score_export(workdir / name, dataset)
             rows.append({"split": name, "metrics": metrics, "seconds": seconds,
                          "num_train": len(dataset.split.train), "num_valid": len(dataset.split.valid)})
             print(f"{name:>8}  valid_rmse {metrics['valid_rmse']:.4f}  valid_mae {metrics['valid_mae']:.4f}  "
                   f"ndcg@10 {metrics['ndcg@10']:.4f}  {seconds:.0f}s", flush=True)
-    except (ConfigError, DataError, ModelError, train.WorkdirError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except train.TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    summary = summarise(rows)
-    result = {
-        "command": " ".join(["python -m jaxcf.crossval", *(argv if argv is not None else sys.argv[1:])]),
-        "config": to_dict(config),
-        "holdout": args.holdout,
-        "splits": rows,
-        "summary": summary,
-    }
-    out_path = args.out or workdir / "crossval.json"
-    atomic_write_text(out_path, json.dumps(result, indent=2) + "\n")
-    for metric in SUMMARY_METRICS:
-        print(f"{metric:>12}  {summary[metric]['mean']:.4f} ± {summary[metric]['std']:.4f}  over {len(rows)} split(s)")
-    print(f"results in {out_path}")
-    return 0
+        summary = summarise(rows)
+        result = {
+            "command": " ".join(["python -m jaxcf.crossval", *(argv if argv is not None else sys.argv[1:])]),
+            "config": to_dict(config),
+            "holdout": args.holdout,
+            "splits": rows,
+            "summary": summary,
+        }
+        atomic_write_text(out_path, json.dumps(strict_json(result), indent=2, allow_nan=False) + "\n")
+        for metric in SUMMARY_METRICS:
+            print(f"{metric:>12}  {summary[metric]['mean']:.4f} ± {summary[metric]['std']:.4f}  "
+                  f"over {len(rows)} split(s)")
+        print(f"results in {out_path}")
+        return 0
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

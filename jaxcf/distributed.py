@@ -10,43 +10,45 @@ The mesh has two axes, named by the config's ``mesh:`` section:
            of the batch's ratings (batches are padded with zero-weight entries when ``data`` does
            not divide the batch size, which leaves the loss and its gradient unchanged).
 
-The train step is the single-device one (``jaxcf.steps.make_train_step``, or for a row-sparse
-optimizer ``make_packed_sparse_step`` on tables packed once per epoch); ``jax.jit`` with
-``in_shardings``/``out_shardings`` partitions the scan over it. XLA turns a row gather from a
+Which axis of a state leaf holds the rows is the model family's to say (``row_axes``): axis 0 for a
+single model's tables and slots, axis 1 for K members stacked side by side (``[K, rows, d]``), the
+row axis of the Gibbs sampler's chains and samples. The epoch is the single-device one
+(``jaxcf.steps.make_epoch_body``: the same step, the same scan); ``jax.jit`` with
+``in_shardings``/``out_shardings`` partitions it. XLA turns a row gather from a
 row-sharded table into a local masked gather plus an all-reduce of the ``[batch / data, F]`` rows
 over ``model``, and the gradient scatter into a local scatter (plus, for dense optimizers, an
 all-reduce of each device's table shard over ``data``; for ``lazy_adam``, batch-sized all-gathers of
 ids and row gradients). No device ever holds a whole table (``tests/test_distributed.py`` checks
 the compiled program's memory), so no ``shard_map`` was needed.
 
-Several processes (``jax.distributed``): :func:`initialize` starts them from the config's
+Several processes (``jax.distributed``): ``jaxcf.processes.initialize`` starts them from the config's
 ``distributed:`` section or the environment (``JAXCF_COORDINATOR``, ``JAXCF_NUM_PROCESSES``,
 ``JAXCF_PROCESS_ID``). Every process loads the ratings and computes the same shuffled order (it is
 a pure function of the seed and the epoch); each then copies to its own devices only its columns of
-every batch (:meth:`Layout.make_train_epoch`), so no process puts another's slice of the data on a
-device. Metrics and predictions come back replicated, so every process sees the same numbers; only
-process 0 writes files (``jaxcf.train.run``), while every process writes its own shards of a
-checkpoint (orbax does that).
+every batch (:class:`ShardedEpoch`), so no process puts another's slice of the data on a device.
+Metrics and predictions come back replicated, so every process sees the same numbers; only process 0
+writes files (``jaxcf.trainer.run``), while every process writes its own shards of a checkpoint
+(orbax does that).
 
 Padding. ``jax.Array`` shardings must divide a dimension evenly, so under ``model = m`` a table of
 ``R`` rows is stored with ``ceil(R / m) * m`` rows; the extra rows start at zero, are never indexed
 (ids are ``< R``) and so stay zero under every optimizer here (a zero row has a zero gradient and
-zero weight decay). Checkpoints hold the padded arrays; ``jaxcf.checkpoint.restore`` pads or
-truncates rows to the target's count, which is how a run saved under one mesh resumes under another
-(or on one device). :func:`to_host` drops the padding before anything is exported.
+zero weight decay), and every reduction over rows that a family makes (the Gibbs sampler's) masks
+them. Checkpoints hold the padded arrays; ``jaxcf.checkpoint.restore`` pads or truncates rows to the
+target's count, which is how a run saved under one mesh resumes under another (or on one device).
+:func:`to_host` drops the padding before anything is exported.
 
 The single-device program never comes here: :func:`make_layout` returns None for
 ``mesh: {data: 1, model: 1}`` in one process, and the callers then run exactly the unsharded code.
 
-What does not live here: the train step and the fit loop (``jaxcf.train``), the checkpoint format
-(``jaxcf.checkpoint``), optimizers (``jaxcf.optim``).
+What does not live here: the train step (``jaxcf.steps``), the epoch loop (``jaxcf.trainer``), the
+checkpoint format (``jaxcf.checkpoint``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -56,112 +58,47 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxcf import optim
-from jaxcf.config import Config, ConfigError, DistributedConfig
+from jaxcf.config import Config
+from jaxcf.errors import ConfigError
+from jaxcf.processes import num_processes
 
 AXES = ("data", "model")
 
-# Environment variables read when the config's distributed section leaves a value null.
-ENVIRONMENT = {
-    "coordinator_address": "JAXCF_COORDINATOR",
-    "num_processes": "JAXCF_NUM_PROCESSES",
-    "process_id": "JAXCF_PROCESS_ID",
-}
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def resolve(config: DistributedConfig) -> DistributedConfig:
-    """The distributed section with null values filled from the environment.
-
-    Raises:
-      ConfigError: when an environment variable that should hold an integer does not.
-    """
-    values = {}
-    for field, variable in ENVIRONMENT.items():
-        value = getattr(config, field)
-        text = os.environ.get(variable, "").strip()
-        if value is None and text:
-            if field == "coordinator_address":
-                value = text
-            else:
-                low = 1 if field == "num_processes" else 0
-                try:
-                    value = int(text)
-                except ValueError:
-                    value = None
-                if value is None or value < low:
-                    raise ConfigError(f"{variable}={text!r}: expected an integer >= {low} (distributed.{field})")
-        values[field] = value
-    return DistributedConfig(**values)
-
-
-def num_processes(config: DistributedConfig) -> int:
-    """How many processes the config (or the environment) asks for; 1 when it names none."""
-    return resolve(config).num_processes or 1
-
-
-def initialize(config: DistributedConfig) -> bool:
-    """Starts multi-process JAX (``jax.distributed.initialize``) when more than one process is asked for.
-
-    Call it in every process, before anything else touches JAX. A single process is a no-op and
-    leaves JAX untouched.
-
-    Returns:
-      True when running as one of several processes.
-
-    Raises:
-      ConfigError: when the coordinator address or the process id is missing or out of range.
-    """
-    resolved = resolve(config)
-    count = resolved.num_processes or 1
-    if count == 1:
-        return False
-    if jax.distributed.is_initialized():
-        if jax.process_count() != count:
-            raise ConfigError(
-                f"distributed.num_processes is {count}, but JAX was already started with {jax.process_count()}"
-            )
-        return True
-    if not resolved.coordinator_address:
-        raise ConfigError(
-            f"distributed.num_processes is {count}: set distributed.coordinator_address (or "
-            f"{ENVIRONMENT['coordinator_address']}) to host:port of process 0, e.g. 10.0.0.1:1234"
-        )
-    if resolved.process_id is None or not 0 <= resolved.process_id < count:
-        raise ConfigError(
-            f"distributed.process_id (or {ENVIRONMENT['process_id']}) must be 0..{count - 1} "
-            f"for {count} processes; got {resolved.process_id!r}"
-        )
-    # CPU devices of different processes talk through gloo: the default in jax 0.10, but "none"
-    # (no cross-process CPU collectives) in some earlier versions.
-    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=resolved.coordinator_address,
-        num_processes=count,
-        process_id=resolved.process_id,
-    )
-    return True
-
-
 # ------------------------------------------------------------------------------- layout
 
+RowAxes = Callable[[Any], Any]  # state -> the same structure with each leaf's row axis (int) or None
 
-def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
-    if x.ndim == 0 or x.shape[0] == rows:
+
+def single_row_axes(tree: Any) -> Any:
+    """Row axes of a single model's state: axis 0 of every leaf with a dimension; scalars replicated."""
+    return jax.tree.map(lambda x: 0 if len(x.shape) else None, tree)
+
+
+def member_row_axes(tree: Any) -> Any:
+    """Row axes of K stacked members' state (``[K, rows, ...]``): axis 1; per-member scalars replicated."""
+    return jax.tree.map(lambda x: 1 if len(x.shape) >= 2 else None, tree)
+
+
+def _pad_axis(x: jax.Array, axis: int | None, rows: int) -> jax.Array:
+    if axis is None or x.shape[axis] == rows:
         return x
-    return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, rows - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _axes_leaves(tree: Any, axes: Any) -> list:
+    """The row axes, one per leaf of ``tree`` (None leaves of ``axes`` are kept)."""
+    return jax.tree.leaves(axes, is_leaf=lambda a: a is None) if axes is not None else [None] * len(
+        jax.tree.leaves(tree))
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where the training state and the data live on a ``(data, model)`` mesh.
 
-    Every leaf of the training state with at least one dimension is a per-row table (parameters,
-    and optimizer slots shaped like them); it is sharded by rows over ``model`` and replicated over
-    ``data``. Scalars (step counts) are replicated.
+    Every leaf of a training state with a row axis (given by the family's ``row_axes``) is sharded
+    along it over ``model`` and replicated over ``data``; other leaves are replicated.
     """
 
     mesh: Mesh
@@ -187,74 +124,83 @@ class Layout:
         """Rows of a table of ``rows`` rows as stored on this mesh (a multiple of ``model``)."""
         return -(-rows // self.model) * self.model
 
-    def sharding(self, ndim: int) -> NamedSharding:
-        """The sharding of a state leaf of ``ndim`` dimensions: rows over ``model``, or replicated."""
-        return NamedSharding(self.mesh, PartitionSpec("model") if ndim else PartitionSpec())
+    def sharding(self, ndim: int, axis: int | None = 0) -> NamedSharding:
+        """The sharding of a leaf of ``ndim`` dimensions whose rows are on ``axis`` (None: replicated)."""
+        if axis is None or ndim == 0:
+            return self.replicated
+        spec = [None] * ndim
+        spec[axis] = "model"
+        return NamedSharding(self.mesh, PartitionSpec(*spec))
 
-    def abstract(self, tree: Any) -> Any:
+    def abstract(self, tree: Any, row_axes: RowAxes = single_row_axes) -> Any:
         """``tree`` (arrays or shape structs, unpadded or padded) as padded, sharded shape structs.
 
         This is the restore target of a checkpoint under this mesh.
         """
+        treedef = jax.tree.structure(tree)
+        leaves = jax.tree.leaves(tree)
+        axes = _axes_leaves(tree, row_axes(tree))
+        out = []
+        for x, axis in zip(leaves, axes):
+            shape = list(x.shape)
+            if axis is not None and shape:
+                shape[axis] = self.padded_rows(shape[axis])
+            out.append(jax.ShapeDtypeStruct(tuple(shape), x.dtype, sharding=self.sharding(len(shape), axis)))
+        return jax.tree.unflatten(treedef, out)
 
-        def leaf(x):
-            shape = tuple(x.shape)
-            if shape:
-                shape = (self.padded_rows(shape[0]), *shape[1:])
-            return jax.ShapeDtypeStruct(shape, x.dtype, sharding=self.sharding(len(shape)))
-
-        return jax.tree.map(leaf, tree)
-
-    def init(self, init_fn: Callable[[], Any]) -> Any:
-        """Runs ``init_fn`` (e.g. ``lambda: init_state(setup)``) straight into the padded, sharded layout.
+    def init(self, init_fn: Callable[[], Any], row_axes: RowAxes = single_row_axes) -> Any:
+        """Runs ``init_fn`` straight into the padded, sharded layout.
 
         The values are those of the single-device init bit for bit: JAX's partitionable threefry
         draws the same random numbers whatever the sharding.
         """
-        target = self.abstract(jax.eval_shape(init_fn))
+        logical = jax.eval_shape(init_fn)
+        target = self.abstract(logical, row_axes)
+        axes = _axes_leaves(logical, row_axes(logical))
+        treedef = jax.tree.structure(logical)
 
         def padded():
-            return jax.tree.map(lambda x, t: _pad_rows(x, t.shape[0] if t.shape else 0), init_fn(), target)
+            leaves = jax.tree.leaves(init_fn())
+            targets = jax.tree.leaves(target)
+            return jax.tree.unflatten(treedef, [
+                _pad_axis(x, a, t.shape[a]) if a is not None else x for x, a, t in zip(leaves, axes, targets)
+            ])
 
         return jax.jit(padded, out_shardings=jax.tree.map(lambda t: t.sharding, target))()
 
-    def place(self, tree: Any) -> Any:
+    def place(self, tree: Any, row_axes: RowAxes = single_row_axes) -> Any:
         """Pads and shards an existing state (host arrays, one-device arrays, or already placed).
 
         Arrays on one process's devices must hold the same values in every process.
         """
+        target = self.abstract(tree, row_axes)
+        axes = _axes_leaves(tree, row_axes(tree))
 
-        def leaf(x, target):
+        def leaf(x, t, axis):
             if isinstance(x, jax.Array) and not x.is_fully_addressable:
-                if x.shape != target.shape:
-                    raise ValueError(f"a global array of shape {x.shape} cannot be placed as {target.shape}")
-                return x if x.sharding.is_equivalent_to(target.sharding, x.ndim) else jax.device_put(x, target.sharding)
+                if x.shape != t.shape:
+                    raise ValueError(f"a global array of shape {x.shape} cannot be placed as {t.shape}")
+                return x if x.sharding.is_equivalent_to(t.sharding, x.ndim) else jax.device_put(x, t.sharding)
             host = np.asarray(x)
-            if host.ndim:
-                host = np.pad(host, [(0, target.shape[0] - host.shape[0])] + [(0, 0)] * (host.ndim - 1))
-            return jax.make_array_from_callback(host.shape, target.sharding, lambda index: host[index])
+            if axis is not None and host.ndim:
+                pad = [(0, 0)] * host.ndim
+                pad[axis] = (0, t.shape[axis] - host.shape[axis])
+                host = np.pad(host, pad)
+            return jax.make_array_from_callback(host.shape, t.sharding, lambda index: host[index])
 
-        return jax.tree.map(leaf, tree, self.abstract(tree))
+        leaves = [leaf(x, t, a) for x, t, a in zip(jax.tree.leaves(tree), jax.tree.leaves(target), axes)]
+        return jax.tree.unflatten(jax.tree.structure(tree), leaves)
 
-    def make_train_epoch(
-        self,
-        optimizer: Any,
-        y_range: tuple[float, float] | None,
-        batch_size: int,
-        *,
-        make_step: Callable,
-        make_packed_step: Callable,
-    ) -> ShardedEpoch:
-        """The sharded counterpart of ``jaxcf.steps.make_train_epoch`` (the same call signature).
+    def replicate(self, tree: Any) -> Any:
+        """Host data (the same in every process) copied whole to every device of the mesh."""
 
-        Args:
-          optimizer, y_range, batch_size: as for ``jaxcf.steps.make_train_epoch``.
-          make_step, make_packed_step: ``jaxcf.steps.make_train_step`` and
-            ``make_packed_sparse_step``, passed in by the caller rather than imported here
-            (``jaxcf.train`` imports this module, and under ``python -m jaxcf.train`` a second import
-            would bring a second ``TrainState`` class).
-        """
-        return ShardedEpoch(self, epoch_body(optimizer, y_range, make_step, make_packed_step), batch_size)
+        def leaf(x):
+            if x is None:
+                return None
+            host = np.asarray(x)
+            return jax.make_array_from_callback(host.shape, self.replicated, lambda index: host[index])
+
+        return jax.tree.map(leaf, tree)
 
     def make_predict(
         self, predict_fn: Callable, users: np.ndarray, items: np.ndarray, chunk: int
@@ -262,13 +208,13 @@ class Layout:
         """Predictions for fixed (user, item) pairs from sharded parameters, the same in every process.
 
         Args:
-          predict_fn: ``(params, users, items) -> float32[b]`` (``jaxcf.evaluate.make_predict_fn``).
+          predict_fn: ``(params, users, items) -> float32[..., b]`` (pairs on the last axis).
           users, items: int32[n] row ids on the host, the same in every process.
           chunk: pairs per device call (rounded up to a multiple of ``data``).
 
         Returns:
-          ``params -> float32[n]`` predictions on the host. The pairs go to the devices once, split
-          over ``data``.
+          ``params -> float32[..., n]`` predictions on the host. The pairs go to the devices once,
+          split over ``data``.
         """
         n = len(users)
         chunk = -(-max(1, min(chunk, n)) // self.data) * self.data
@@ -285,10 +231,14 @@ class Layout:
         jitted = jax.jit(predict_fn, out_shardings=self.replicated)
 
         def predict(params):
-            out = [np.asarray(jitted(params, u, i))[:size] for u, i, size in chunks]
-            return np.concatenate(out) if out else np.zeros(0, np.float32)
+            out = [np.asarray(jitted(params, u, i))[..., :size] for u, i, size in chunks]
+            return np.concatenate(out, axis=-1) if out else np.zeros(0, np.float32)
 
         return predict
+
+    def fetch(self, fn: Callable, *args) -> Any:
+        """``fn(*args)`` jitted with replicated outputs, on the host: the same values in every process."""
+        return jax.tree.map(np.asarray, jax.jit(fn, out_shardings=self.replicated)(*args))
 
     def sync(self, name: str) -> None:
         """Waits until every process reaches the barrier ``name``; nothing to wait for in one process."""
@@ -296,61 +246,47 @@ class Layout:
             multihost_utils.sync_global_devices(name)
 
 
-def epoch_body(
-    optimizer: Any, y_range: tuple[float, float] | None, make_step: Callable, make_packed_step: Callable
-) -> Callable:
-    """``(state, batches) -> (state, float32[num_batches] losses)``: ``jaxcf.train``'s epoch after its batching.
-
-    ``batches`` are (users, items, ratings, weights), each ``[num_batches, batch]``. As in
-    ``jaxcf.steps.make_train_epoch``, a row-sparse optimizer trains on packed tables, packed once
-    before the scan and unpacked after it.
-    """
-    if isinstance(optimizer, optim.RowSparse):
-        packed_step = make_packed_step(optimizer, y_range)
-
-        def sparse_body(state, xs):
-            packed = optim.pack(optimizer, state.params, state.opt_state)
-            packed, losses = jax.lax.scan(lambda carry, batch: packed_step(carry, *batch), packed, xs)
-            params, opt_state = optim.unpack(optimizer, packed)
-            return state._replace(params=params, opt_state=opt_state, step=state.step + xs[0].shape[0]), losses
-
-        return sparse_body
-    step = make_step(optimizer, y_range)
-
-    def body(state, xs):
-        return jax.lax.scan(lambda carry, batch: step(carry, *batch), state, xs)
-
-    return body
-
-
 class ShardedEpoch:
-    """One epoch on a mesh: ``(state, users, items, ratings, order) -> (state, float32[num_batches] losses)``.
+    """One epoch on a mesh: ``(state, l2, users, items, ratings, order) -> (state, losses)``.
 
     ``users``/``items``/``ratings`` are the training rows on the host (int32/int32/float32[n], the
-    same in every process) and ``order`` int32[m] the epoch's positions into them. The batches are
-    those of the single-device epoch: ``order`` cut into ``ceil(m / batch_size)`` batches, the
-    last padded with zero-weight entries. They go to the devices as ``[num_batches, width]``
-    arrays split by columns over ``data`` (``width`` is ``batch_size`` rounded up to a multiple of
-    ``data``, the extra columns zero-weight too), and each process builds only its own columns:
-    it reads only the ratings its devices train on. The state is donated.
+    same in every process) and ``order`` int[m] the epoch's positions into them (int[K, m] for K
+    members). The batches are those of the single-device epoch: ``order`` cut into
+    ``ceil(m / batch_size)`` batches, the last padded with zero-weight entries. They go to the
+    devices as ``[num_batches, width]`` arrays (``[K, num_batches, width]`` for members) split by
+    columns over ``data`` (``width`` is ``batch_size`` rounded up to a multiple of ``data``, the
+    extra columns zero-weight too), and each process builds only its own columns: it reads only the
+    ratings its devices train on. ``body`` is ``jaxcf.steps.make_epoch_body``'s. The state is donated.
     """
 
-    def __init__(self, layout: Layout, body: Callable, batch_size: int):
+    def __init__(self, layout: Layout, body: Callable, batch_size: int, *, members: bool = False,
+                 row_axes: RowAxes = single_row_axes):
         self.layout = layout
         self.batch_size = batch_size
+        self.members = members
+        self.row_axes = row_axes
         self.width = -(-batch_size // layout.data) * layout.data
-        self.batch_sharding = NamedSharding(layout.mesh, PartitionSpec(None, "data"))
-        self._body = body
+        spec = PartitionSpec(None, None, "data") if members else PartitionSpec(None, "data")
+        self.batch_sharding = NamedSharding(layout.mesh, spec)
+
+        def run(state, l2, batches):
+            return body(state, l2, batches, lambda x: x)
+
+        self._run = jax.vmap(run, in_axes=(0, 0, 0)) if members else run
         self._jitted: dict[Any, Any] = {}
 
     def batches(self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray, order: np.ndarray) -> tuple:
-        """The epoch's batches as global arrays: (users, items, ratings, weights), each [num_batches, width]."""
+        """The epoch's batches as global arrays: (users, items, ratings, weights)."""
         order = np.asarray(order)
-        num_batches = -(-len(order) // self.batch_size)
-        flat = np.full(num_batches * self.batch_size, -1, np.int64)
-        flat[: len(order)] = order
-        positions = np.full((num_batches, self.width), -1, np.int64)
-        positions[:, : self.batch_size] = flat.reshape(num_batches, self.batch_size)
+        orders = order if self.members else order[None]
+        count = orders.shape[1]
+        num_batches = -(-count // self.batch_size)
+        flat = np.full((orders.shape[0], num_batches * self.batch_size), -1, np.int64)
+        flat[:, :count] = orders
+        positions = np.full((orders.shape[0], num_batches, self.width), -1, np.int64)
+        positions[:, :, : self.batch_size] = flat.reshape(orders.shape[0], num_batches, self.batch_size)
+        if not self.members:
+            positions = positions[0]
 
         def column(values):
             def shard(index):
@@ -366,26 +302,29 @@ class ShardedEpoch:
         return column(users), column(items), column(ratings), column(None)
 
     def jitted(self, state: Any) -> Any:
-        """The compiled-on-first-use ``(state, batches) -> (state, losses)`` for states shaped like ``state``."""
+        """The compiled-on-first-use ``(state, l2, batches) -> (state, losses)`` for states shaped like ``state``."""
         key = jax.tree.structure(state)
         if key not in self._jitted:
-            shardings = jax.tree.map(lambda x: self.layout.sharding(x.ndim), state)
+            axes = _axes_leaves(state, self.row_axes(state))
+            shardings = jax.tree.unflatten(key, [
+                self.layout.sharding(x.ndim, a) for x, a in zip(jax.tree.leaves(state), axes)
+            ])
             self._jitted[key] = jax.jit(
-                self._body,
-                in_shardings=(shardings, self.batch_sharding),
+                self._run,
+                in_shardings=(shardings, self.layout.replicated, self.batch_sharding),
                 out_shardings=(shardings, self.layout.replicated),
                 donate_argnums=(0,),
             )
         return self._jitted[key]
 
-    def __call__(self, state, users, items, ratings, order):
-        return self.jitted(state)(state, self.batches(users, items, ratings, order))
+    def __call__(self, state, l2, users, items, ratings, order):
+        return self.jitted(state)(state, l2, self.batches(users, items, ratings, order))
 
 
 def make_layout(config: Config) -> Layout | None:
     """The mesh layout the config asks for, or None for a single device in a single process.
 
-    Call :func:`initialize` first when running several processes.
+    Call ``jaxcf.processes.initialize`` first when running several processes.
 
     Raises:
       ConfigError: when the mesh does not match the devices.
@@ -413,7 +352,7 @@ def make_layout(config: Config) -> Layout | None:
     return Layout(mesh)
 
 
-def to_host(tree: Any, logical: Any) -> Any:
+def to_host(tree: Any, logical: Any, row_axes: RowAxes = single_row_axes) -> Any:
     """Host copies of a (possibly sharded, padded) tree, cut to the ``logical`` (unpadded) shapes.
 
     A collective with several processes: every process calls it and gets the whole arrays.
@@ -421,19 +360,24 @@ def to_host(tree: Any, logical: Any) -> Any:
     Args:
       tree: arrays.
       logical: the same structure with the unpadded shapes (arrays or shape structs).
+      row_axes: which axis of each leaf holds the rows.
 
     Returns:
       numpy arrays of the logical shapes.
     """
+    axes = _axes_leaves(logical, row_axes(logical))
 
-    def leaf(x, like):
+    def leaf(x, like, axis):
         if x.is_fully_addressable or x.is_fully_replicated:
             host = np.asarray(x)
         else:
             host = multihost_utils.process_allgather(x, tiled=True)
-        return host[: like.shape[0]] if host.ndim else host
+        if axis is None or not host.ndim:
+            return host
+        return np.take(host, np.arange(like.shape[axis]), axis=axis)
 
-    return jax.tree.map(leaf, tree, logical)
+    leaves = [leaf(x, like, a) for x, like, a in zip(jax.tree.leaves(tree), jax.tree.leaves(logical), axes)]
+    return jax.tree.unflatten(jax.tree.structure(logical), leaves)
 
 
 def shard_fraction(array: jax.Array) -> float:

@@ -1,52 +1,75 @@
-"""Metrics as pure functions, and chunked prediction over a whole ratings array.
+"""Metrics as pure functions, predictions for any number of (user, item) pairs (the one copy), and the
+closing metrics of a model on a split.
 
-What does not live here: training (``jaxcf.train``) or raw-id lookups (``jaxcf.recommend``).
+What does not live here: the scoring rule (``jaxcf.models``), the ranking protocol (``jaxcf.ranking``),
+raw-id lookups (``jaxcf.inference``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcf.models import gather_rows, score_rows
+from jaxcf import ranking
+from jaxcf.models import score_pairs
 
 
-def make_predict_fn(y_range: tuple[float, float] | None) -> Callable:
-    """A jitted ``(params, users, items) -> float32[batch]`` for the model's scoring rule."""
-
-    @jax.jit
-    def predict(params, users, items):
-        return score_rows(gather_rows(params, users, items), y_range)
-
-    return predict
+def bucket(n: int) -> int:
+    """The power of two at or above ``n``: request sizes rounded so a few compiled shapes serve all."""
+    return 1 << max(0, (n - 1).bit_length())
 
 
-def predict_chunked(predict_fn: Callable, params, users: np.ndarray, items: np.ndarray, chunk: int) -> np.ndarray:
-    """Predicts any number of pairs in fixed-size chunks (one compilation; the tail is padded).
+def predict_pairs(
+    params: Mapping[str, jax.Array],
+    users: np.ndarray,
+    items: np.ndarray,
+    y_range: tuple[float, float] | None = None,
+    *,
+    chunk: int = 65536,
+    per_member: bool = False,
+    round_up: bool = False,
+) -> np.ndarray:
+    """``jaxcf.models.score_pairs`` over any number of index pairs, in fixed-size chunks.
 
     Args:
-      users, items: int32[n] indices.
-      chunk: ratings per device call.
+      params: a model's tables, or an ensemble's stacked ones.
+      users, items: int[n] indices in range.
+      y_range: the biased model's output range; None for the dot model.
+      chunk: pairs per device call; every call has this size (the tail is padded), so one compiled
+        program serves the whole array.
+      per_member: an ensemble's per-member predictions instead of their mean.
+      round_up: make the call size ``min(chunk, the power of two at or above n)`` instead of
+        ``min(chunk, n)``: for many requests of varying sizes (inference), a few compiled shapes.
 
     Returns:
-      float32[n] predictions on the host.
+      float32[n] (or float32[K, n] with ``per_member``) on the host.
     """
     n = len(users)
-    chunk = max(1, min(chunk, n))
+    size = max(1, min(chunk, bucket(n) if round_up else n))
+    y = tuple(float(v) for v in y_range) if y_range is not None else None
     out = []
-    for start in range(0, n, chunk):
-        u = users[start : start + chunk]
-        i = items[start : start + chunk]
-        size = len(u)
-        if size < chunk:
-            u = np.pad(u, (0, chunk - size))
-            i = np.pad(i, (0, chunk - size))
-        out.append(np.asarray(predict_fn(params, jnp.asarray(u), jnp.asarray(i)))[:size])
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    for start in range(0, n, size):
+        u = np.asarray(users[start : start + size], np.int32)
+        i = np.asarray(items[start : start + size], np.int32)
+        count = len(u)
+        if count < size:
+            u, i = np.pad(u, (0, size - count)), np.pad(i, (0, size - count))
+        scores = np.asarray(score_pairs(params, jnp.asarray(u), jnp.asarray(i), y, per_member))
+        out.append(scores[..., :count])
+    if out:
+        return np.concatenate(out, axis=-1)
+    members = next(iter(params.values())).shape[0] if per_member and params["user_embedding"].ndim == 3 else None
+    return np.zeros((members, 0) if members else (0,), np.float32)
+
+
+def regression_metrics(predictions: np.ndarray, targets: np.ndarray, prefix: str = "valid_") -> dict[str, float]:
+    """MSE, RMSE and MAE in float64, keyed ``valid_mse`` etc."""
+    value = mse(predictions, targets)
+    return {f"{prefix}mse": value, f"{prefix}rmse": math.sqrt(value), f"{prefix}mae": mae(predictions, targets)}
 
 
 def mse(predictions: np.ndarray, targets: np.ndarray) -> float:
@@ -90,3 +113,19 @@ def debiased_ema(
         batch_num += 1
         avg_loss = avg_loss * momentum + loss * (1 - momentum)
     return avg_loss, batch_num, avg_loss / (1 - momentum**batch_num)
+
+
+def final_metrics(dataset, y_range, params: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """A model's validation RMSE/MAE and ranking metrics on ``dataset``'s split, scored as a loaded
+    model scores it: what the closing record of a run holds, and what ``jaxcf.crossval`` reports."""
+    ratings = dataset.ratings
+    train_rows, valid_rows = dataset.split.train, dataset.split.valid
+    predictions = predict_pairs(params, ratings.users[valid_rows], ratings.items[valid_rows], y_range)
+    metrics = regression_metrics(predictions, ratings.ratings[valid_rows])
+    ks = [k for k in ranking.DEFAULT_KS if k <= ratings.num_items] or [ratings.num_items]
+    metrics.update(ranking.model_ranking_metrics(
+        params, y_range, ratings.num_items,
+        (ratings.users[train_rows], ratings.items[train_rows]),
+        (ratings.users[valid_rows], ratings.items[valid_rows], ratings.ratings[valid_rows]), ks=ks,
+    ))
+    return metrics

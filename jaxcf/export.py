@@ -1,15 +1,22 @@
-"""The portable model export: safetensors weights plus JSON, written into ``WORKDIR/model``, and
-reading it back with every file verified.
+"""The portable model export (format 2): one writer and one reader, for every kind of model.
 
-Files: ``weights.safetensors`` (the tables, names as in ``jaxcf.models``), ``ids.json`` (raw ids of
-every row, in index order), ``seen.safetensors`` (the training pairs, for "exclude seen" in
-recommendations and for the fallback), ``items.json`` (titles, when known) and ``metadata.json``
-(config, versions, data checksum, metrics and the sha256 of every other file). :func:`read_export`
-checks each listed file against its sha256 before parsing it. No pickles anywhere: JSON and
-safetensors only.
+Files in ``WORKDIR/model``: ``weights.safetensors`` (the tables, names as in ``jaxcf.models``; an
+ensemble's stacked along a leading member axis), ``ids.json`` (raw ids of every row, in index
+order), ``seen.safetensors`` (the training pairs, for "exclude seen" and the fallback), ``items.json``
+(titles, when known) and ``metadata.json`` (model, data, config, metrics, and every other file's size
+and sha256). No pickles anywhere: JSON and safetensors only.
 
-What does not live here: resumable training checkpoints (``jaxcf.checkpoint``), using a loaded
-model (``jaxcf.recommend``).
+Written as a whole: every file goes into a new folder beside ``model/``, which then replaces it in one
+rename (``jaxcf.fileio.replace_directory``), so a failed export (a full disk, a kill) leaves the
+previous one intact.
+
+Read with nothing taken on trust: ``metadata.json`` is bounded; every listed file must be a regular
+file of exactly its declared size, matching its sha256; the fields that change predictions (kind,
+output range, sizes, members) are also stored in the weights file's own header and must agree,
+finite and ordered; ids must be unique integers or texts; tables must be finite float32 of the
+declared shapes. Anything else is a :class:`jaxcf.errors.ModelError` with one line.
+
+What does not live here: resumable checkpoints (``jaxcf.checkpoint``), using a model (``jaxcf.inference``).
 """
 
 from __future__ import annotations
@@ -17,25 +24,72 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+import math
+import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import safetensors.numpy
 
-from jaxcf.fileio import atomic_write_bytes, atomic_write_text
+from jaxcf.errors import ModelError
+from jaxcf.fileio import UnsafeFileError, read_regular, replace_directory, staging_directory, strict_json
 
 EXPORT_DIR = "model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+METADATA = "metadata.json"
+REQUIRED_FILES = ("weights.safetensors", "seen.safetensors", "ids.json")
+TABLES = {
+    "dot": ("user_embedding", "item_embedding"),
+    "bias": ("user_embedding", "item_embedding", "user_bias", "item_bias"),
+}
+# Bounds on what a reader accepts: metadata.json, and any one listed file.
+MAX_METADATA_BYTES = 256 << 20
+MAX_FILE_BYTES = 64 << 30
+# The model fields that change predictions, stored in metadata.json and in the weights' header.
+HEADER_FIELDS = ("kind", "y_range", "num_users", "num_items", "n_factors", "ensemble_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class Export:
+    """The verified contents of an export, as NumPy arrays and plain data.
+
+    Attributes:
+      path: the export directory (None for a model built in memory).
+      metadata: ``metadata.json`` as parsed (``model``, ``data``, ``config``, ``metrics``, ...).
+      weights: ``user_embedding`` float32[U, F], ``item_embedding`` float32[I, F] and, for the bias
+        model, ``user_bias`` float32[U, 1], ``item_bias`` float32[I, 1]; an ensemble's are stacked
+        (float32[K, U, F], ...).
+      user_ids, item_ids: raw ids [U], [I] (int64, or object of str), in index order.
+      seen_users, seen_items: int32[n_train] indices of the training pairs.
+      titles: list of (raw item id, title) pairs, or None.
+    """
+
+    path: Path | None
+    metadata: dict
+    weights: dict[str, np.ndarray]
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    seen_users: np.ndarray
+    seen_items: np.ndarray
+    titles: list | None
+
+    @property
+    def model(self) -> dict:
+        return self.metadata["model"]
 
 
 def _json_ids(raw: np.ndarray) -> list:
-    return raw.tolist() if raw.dtype.kind in "iuf" else [str(v) for v in raw]
+    return [int(v) for v in raw.tolist()] if raw.dtype.kind in "iu" else [str(v) for v in raw.tolist()]
 
 
-def export_model(
-    workdir: str | Path,
+def _header(model: Mapping[str, Any]) -> dict[str, str]:
+    return {"format": "jaxcf", "format_version": str(FORMAT_VERSION),
+            **{key: json.dumps(model.get(key)) for key in HEADER_FIELDS}}
+
+
+def build(
     *,
     params: Mapping[str, Any],
     user_ids: np.ndarray,
@@ -47,37 +101,26 @@ def export_model(
     data_info: Mapping[str, Any],
     metrics: list[Mapping[str, Any]],
     titles: Mapping | None = None,
-) -> Path:
-    """Writes the portable model into ``WORKDIR/model`` (each file atomically; metadata last).
+) -> Export:
+    """An :class:`Export` from a trained model's parts, checked as the reader checks a folder.
 
     Args:
-      params: the tables of ``jaxcf.models`` (float32[num_users, F], ...).
-      user_ids, item_ids: raw ids of every row, in index order ([num_users], [num_items]).
-      train_users, train_items: int32[n_train] indices of the training pairs.
+      params: the tables of ``jaxcf.models`` (an ensemble's stacked along a leading axis).
+      user_ids, item_ids: raw ids of every row, in index order.
+      train_users, train_items: int[n_train] indices of the training pairs.
+      model_info: ``kind``, ``n_factors``, ``y_range``, ``num_users``, ``num_items``, ``epoch`` and, for
+        an ensemble, ``ensemble_size`` and ``ensemble_method``.
       titles: raw item id -> title, when known.
 
-    Returns:
-      The export directory.
+    Raises:
+      ModelError: parts that do not fit together (shapes, sizes) or non-finite weights.
     """
     from jaxcf import __version__
 
-    out = Path(workdir) / EXPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
     weights = {name: np.ascontiguousarray(np.asarray(table, dtype=np.float32)) for name, table in params.items()}
-    seen = {"users": np.asarray(train_users, np.int32), "items": np.asarray(train_items, np.int32)}
-    files = {
-        "weights.safetensors": safetensors.numpy.save(
-            weights, metadata={"format": "jaxcf", "kind": model_info["kind"]}
-        ),
-        "seen.safetensors": safetensors.numpy.save(seen),
-        "ids.json": json.dumps({"users": _json_ids(user_ids), "items": _json_ids(item_ids)}).encode(),
-    }
+    title_pairs = None
     if titles:
-        files["items.json"] = json.dumps(
-            {"titles": [[k if isinstance(k, (int, float)) else str(k), v] for k, v in titles.items()]}
-        ).encode()
-    for name, payload in files.items():
-        atomic_write_bytes(out / name, payload)
+        title_pairs = [[int(k) if isinstance(k, (int, np.integer)) else str(k), str(v)] for k, v in titles.items()]
     metadata = {
         "format_version": FORMAT_VERSION,
         "jaxcf_version": __version__,
@@ -85,48 +128,51 @@ def export_model(
         "data": dict(data_info),
         "config": dict(config),
         "metrics": list(metrics),
-        "files": {name: hashlib.sha256(payload).hexdigest() for name, payload in files.items()},
     }
-    atomic_write_text(out / "metadata.json", json.dumps(metadata, indent=2))
-    return out
+    result = Export(None, metadata, weights, np.asarray(user_ids), np.asarray(item_ids),
+                    np.asarray(train_users, np.int32), np.asarray(train_items, np.int32), title_pairs)
+    _check(result, "the model", _header(dict(model_info)))
+    return result
+
+
+def payloads(result: Export) -> dict[str, bytes]:
+    """The bytes of every file of the export but ``metadata.json``."""
+    files = {
+        "weights.safetensors": safetensors.numpy.save(result.weights, metadata=_header(result.model)),
+        "seen.safetensors": safetensors.numpy.save({"users": result.seen_users, "items": result.seen_items}),
+        "ids.json": json.dumps({"users": _json_ids(result.user_ids), "items": _json_ids(result.item_ids)}).encode(),
+    }
+    if result.titles:
+        files["items.json"] = json.dumps({"titles": result.titles}).encode()
+    return files
+
+
+def save(result: Export, folder: str | Path) -> Path:
+    """Writes ``result`` as an export folder, replacing any folder there as a whole.
+
+    Returns:
+      The folder.
+    """
+    folder = Path(folder)
+    files = payloads(result)
+    metadata = {**result.metadata,
+                "files": {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                          for name, data in files.items()}}
+    text = json.dumps(strict_json(metadata), indent=2, allow_nan=False)
+    with staging_directory(folder) as staging:
+        for name, data in files.items():
+            (staging / name).write_bytes(data)
+        (staging / METADATA).write_text(text, encoding="utf-8")
+        replace_directory(staging, folder)
+    return folder
+
+
+def write(workdir: str | Path, **parts: Any) -> Path:
+    """:func:`build` then :func:`save` into ``WORKDIR/model``."""
+    return save(build(**parts), Path(workdir) / EXPORT_DIR)
 
 
 # ------------------------------------------------------------------------------------- reading
-
-METADATA = "metadata.json"
-REQUIRED_FILES = ("weights.safetensors", "seen.safetensors", "ids.json")
-TABLES = {
-    "dot": ("user_embedding", "item_embedding"),
-    "bias": ("user_embedding", "item_embedding", "user_bias", "item_bias"),
-}
-
-
-class ModelError(ValueError):
-    """An exported model that cannot be used; the message is one line meant for the user."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Export:
-    """The verified contents of an export directory, as NumPy arrays and plain data.
-
-    Attributes:
-      path: the export directory.
-      metadata: ``metadata.json`` as parsed.
-      weights: ``user_embedding`` float32[U, F], ``item_embedding`` float32[I, F] and, for the bias
-        model, ``user_bias`` float32[U, 1], ``item_bias`` float32[I, 1].
-      user_ids, item_ids: raw ids [U], [I] (int64 or str), in index order.
-      seen_users, seen_items: int32[n_train] indices of the training pairs.
-      titles: list of (raw item id, title) pairs, or None.
-    """
-
-    path: Path
-    metadata: dict
-    weights: dict[str, np.ndarray]
-    user_ids: np.ndarray
-    item_ids: np.ndarray
-    seen_users: np.ndarray
-    seen_items: np.ndarray
-    titles: list | None
 
 
 def find_export(path: str | Path) -> Path:
@@ -141,7 +187,7 @@ def find_export(path: str | Path) -> Path:
     if not path.is_dir():
         raise ModelError(f"{path}: is a file; pass a training workdir or its exported {EXPORT_DIR}/ folder")
     for candidate in (path, path / EXPORT_DIR):
-        if (candidate / METADATA).is_file():
+        if (candidate / METADATA).exists():
             return candidate
     raise ModelError(
         f"{path}: no {METADATA} here or in {path / EXPORT_DIR}; this is not an exported model "
@@ -149,155 +195,179 @@ def find_export(path: str | Path) -> Path:
     )
 
 
-def _read_metadata(folder: Path) -> dict:
+def _read(folder: Path, name: str, max_bytes: int, exact: int | None = None) -> bytes:
     try:
-        metadata = json.loads((folder / METADATA).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelError(f"{folder / METADATA}: unreadable ({type(err).__name__}); re-export the model") from None
-    if not isinstance(metadata, dict) or not isinstance(metadata.get("files"), dict):
-        raise ModelError(f"{folder / METADATA}: has no 'files' table of sha256 digests; re-export the model")
+        return read_regular(folder / name, max_bytes, exact)
+    except FileNotFoundError:
+        raise ModelError(f"{folder / name}: missing; the export is incomplete, copy or re-export it") from None
+    except UnsafeFileError as err:
+        raise ModelError(f"{err}; an export holds only regular files of their declared sizes: re-export") from None
+    except OSError as err:
+        raise ModelError(f"{folder / name}: cannot read ({err.strerror})") from None
+
+
+def _read_metadata(folder: Path) -> dict:
+    payload = _read(folder, METADATA, MAX_METADATA_BYTES)
+    try:
+        metadata = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ModelError(f"{folder / METADATA}: not valid JSON; re-export the model") from None
+    if not isinstance(metadata, dict):
+        raise ModelError(f"{folder / METADATA}: not a JSON object; re-export the model")
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
         raise ModelError(
             f"{folder / METADATA}: export format {version!r}, this jaxcf reads format {FORMAT_VERSION}; "
             "use the jaxcf version that wrote it or re-export"
         )
+    files = metadata.get("files")
+    if not isinstance(files, dict) or not isinstance(metadata.get("model"), dict):
+        raise ModelError(f"{folder / METADATA}: needs 'model' and 'files' tables; re-export the model")
+    for name, entry in files.items():
+        # Only plain names: a metadata.json must not be able to point the loader outside the folder.
+        if not isinstance(name, str) or Path(name).name != name or name in (".", "..", METADATA):
+            raise ModelError(f"{folder / METADATA}: lists a file outside the export ({name!r}); re-export the model")
+        size, digest = (entry or {}).get("bytes") if isinstance(entry, dict) else None, \
+            entry.get("sha256") if isinstance(entry, dict) else None
+        if not (isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= MAX_FILE_BYTES
+                and isinstance(digest, str)):
+            raise ModelError(f"{folder / METADATA}: the entry of {name} needs 'bytes' and 'sha256'; re-export")
     for name in REQUIRED_FILES:
-        if name not in metadata["files"]:
-            raise ModelError(f"{folder / METADATA}: lists no sha256 for {name}; re-export the model")
+        if name not in files:
+            raise ModelError(f"{folder / METADATA}: lists no {name}; re-export the model")
     return metadata
 
 
 def _read_verified(folder: Path, metadata: dict) -> dict[str, bytes]:
-    """Reads every file that metadata.json lists and checks it against its sha256.
-
-    The bytes that were hashed are the bytes that get parsed, so a file cannot change between the
-    check and the use.
-    """
-    payloads = {}
-    for name, expected in metadata["files"].items():
-        # Only plain names: a metadata.json must not be able to point the loader outside the folder.
-        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
-            raise ModelError(f"{folder / METADATA}: lists a file outside the export ({name!r}); re-export the model")
-        try:
-            payload = (folder / name).read_bytes()
-        except FileNotFoundError:
-            raise ModelError(f"{folder / name}: missing; the export is incomplete, copy or re-export it") from None
-        except OSError as err:
-            raise ModelError(f"{folder / name}: cannot read ({err.strerror})") from None
+    """Reads every listed file (exactly its declared size) and checks its sha256; the bytes hashed are
+    the bytes parsed, so a file cannot change between the check and the use."""
+    out = {}
+    for name, entry in metadata["files"].items():
+        payload = _read(folder, name, entry["bytes"], entry["bytes"])
         actual = hashlib.sha256(payload).hexdigest()
-        if actual != expected:
+        if actual != entry["sha256"]:
             raise ModelError(
-                f"{folder / name}: sha256 {actual[:12]}… does not match {str(expected)[:12]}… in {METADATA} "
-                "(changed or truncated after export); copy the model again or re-export it"
+                f"{folder / name}: sha256 {actual[:12]}… does not match {entry['sha256'][:12]}… in {METADATA} "
+                "(changed or damaged after export); copy the model again or re-export it"
             )
-        payloads[name] = payload
-    return payloads
+        out[name] = payload
+    return out
 
 
-def _load_tensors(folder: Path, name: str, payload: bytes) -> dict[str, np.ndarray]:
-    try:
-        return safetensors.numpy.load(payload)
-    except Exception as err:  # safetensors raises its own error types; all mean "not a valid file"
-        raise ModelError(f"{folder / name}: not a valid safetensors file ({type(err).__name__}); re-export") from None
+def _weights_header(payload: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors payload (its first 8 bytes give the JSON header's length)."""
+    if len(payload) < 8:
+        raise ValueError("too short")
+    (length,) = struct.unpack("<Q", payload[:8])
+    if length > len(payload) - 8:
+        raise ValueError("header longer than the file")
+    header = json.loads(payload[8 : 8 + length].decode("utf-8"))
+    return header.get("__metadata__") or {}
 
 
-def _ids(raw: Any) -> np.ndarray:
-    values = np.asarray(raw)
-    # Integer ids stay int64 so that they match what the ratings file held; anything else is text.
-    return values.astype(np.int64) if values.dtype.kind in "iu" else values.astype(str)
-
-
-def read_export(path: str | Path) -> Export:
+def read(path: str | Path) -> Export:
     """Reads and verifies an exported model.
 
     Args:
       path: an export directory or a training workdir (its ``model/`` folder is used).
 
-    Returns:
-      The verified :class:`Export`.
-
     Raises:
-      ModelError: a missing directory or metadata, a file whose sha256 does not match, or contents
-        that are inconsistent (shapes, ids, indices).
+      ModelError: anything missing, tampered, unbounded, inconsistent or non-finite (one line).
     """
     folder = find_export(path)
     metadata = _read_metadata(folder)
-    payloads = _read_verified(folder, metadata)
+    files = _read_verified(folder, metadata)
+    where = f"{folder}"
+    try:
+        weights = safetensors.numpy.load(files["weights.safetensors"])
+        header = _weights_header(files["weights.safetensors"])
+        seen = safetensors.numpy.load(files["seen.safetensors"])
+        ids = json.loads(files["ids.json"].decode("utf-8"))
+        titles = json.loads(files["items.json"].decode("utf-8"))["titles"] if "items.json" in files else None
+    except ModelError:
+        raise
+    except Exception as err:  # safetensors and json raise their own types; all mean "malformed"
+        raise ModelError(f"{where}: a file's contents are malformed ({type(err).__name__}); re-export the model") \
+            from None
+    if not (isinstance(ids, dict) and isinstance(ids.get("users"), list) and isinstance(ids.get("items"), list)):
+        raise ModelError(f"{where}: ids.json is not a {{'users': [...], 'items': [...]}} table; re-export the model")
+    if "users" not in seen or "items" not in seen:
+        raise ModelError(f"{where}: seen.safetensors needs 'users' and 'items' arrays; re-export the model")
+    result = Export(folder, metadata, weights, _ids(ids["users"], where, "users"), _ids(ids["items"], where, "items"),
+                    seen["users"], seen["items"], titles)
+    _check(result, where, header)
+    return dataclasses.replace(result, seen_users=result.seen_users.astype(np.int32),
+                               seen_items=result.seen_items.astype(np.int32))
+
+
+def _ids(raw: list, where: str, what: str) -> np.ndarray:
+    """Ids as stored: all integers within int64 (not booleans), or all texts; unique."""
+    if all(isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63 for v in raw):
+        values = np.asarray(raw, np.int64).reshape(-1)
+    elif all(isinstance(v, str) for v in raw):
+        values = np.asarray(raw, dtype=object).reshape(-1)
+    else:
+        raise ModelError(f"{where}: ids.json {what} must be all integers (within int64) or all texts; re-export")
+    if len(set(values.tolist())) != len(values):
+        raise ModelError(f"{where}: ids.json lists a {what[:-1]} id twice; re-export the model")
+    return values
+
+
+def _check(result: Export, where: str, header: Mapping[str, Any]) -> None:
+    """The consistency checks shared by :func:`read` and :func:`build`."""
 
     def bad(message: str) -> ModelError:
-        return ModelError(f"{folder}: {message}; re-export the model")
+        return ModelError(f"{where}: {message}; re-export the model")
 
-    model = metadata.get("model") or {}
-    kind = model.get("kind")
+    model = result.model
+    for key in HEADER_FIELDS:
+        stored = header.get(key)
+        if isinstance(stored, str):
+            try:
+                stored = json.loads(stored)
+            except json.JSONDecodeError:
+                raise bad(f"the weights' header field {key} is not JSON") from None
+        if stored != model.get(key):
+            raise bad(f"metadata.json says {key} {model.get(key)!r} but the weights' header says {stored!r}")
+    kind, members = model.get("kind"), model.get("ensemble_size")
     if kind not in TABLES:
-        raise bad(f"unknown model kind {kind!r} in {METADATA}")
-    weights = _load_tensors(folder, "weights.safetensors", payloads["weights.safetensors"])
-    missing = [t for t in TABLES[kind] if t not in weights]
-    if missing:
-        raise bad(f"weights.safetensors lacks {', '.join(missing)} for a {kind!r} model")
-    weights = {t: np.asarray(weights[t], np.float32) for t in TABLES[kind]}
-    user_ids, item_ids = _read_ids(payloads, bad)
-    num_users, num_items = len(user_ids), len(item_ids)
-    user_table, item_table = weights["user_embedding"], weights["item_embedding"]
-    if user_table.ndim != 2 or item_table.ndim != 2 or user_table.shape[1] != item_table.shape[1]:
-        raise bad(f"embedding shapes {user_table.shape} and {item_table.shape} do not fit together")
-    expected_rows = {
-        "user_embedding": num_users, "item_embedding": num_items, "user_bias": num_users, "item_bias": num_items,
-    }
-    for table, rows in expected_rows.items():
-        if table in weights and weights[table].shape[0] != rows:
-            raise bad(f"{table} has {weights[table].shape[0]} rows but ids.json lists {rows} ids")
+        raise bad(f"unknown model kind {kind!r}")
+    if members is not None and not (isinstance(members, int) and not isinstance(members, bool) and members >= 1):
+        raise bad(f"ensemble_size must be an integer >= 1; got {members!r}")
+    y_range = model.get("y_range")
     if kind == "bias":
-        y_range = model.get("y_range")
-        if not (isinstance(y_range, list) and len(y_range) == 2 and y_range[0] < y_range[1]):
-            raise bad(f"the bias model needs model.y_range [low, high] in {METADATA}; got {y_range!r}")
-    seen_users, seen_items = _read_seen(folder, payloads, num_users, num_items, bad)
-    return Export(
-        path=folder,
-        metadata=metadata,
-        weights=weights,
-        user_ids=user_ids,
-        item_ids=item_ids,
-        seen_users=seen_users,
-        seen_items=seen_items,
-        titles=_read_titles(payloads, bad),
-    )
-
-
-# Pieces of reading an export that the ensemble reader (jaxcf.ensemble.read_ensemble) shares. ``bad``
-# turns a message into the reader's ModelError.
-
-
-def _read_ids(payloads: dict[str, bytes], bad: Callable[[str], ModelError]) -> tuple[np.ndarray, np.ndarray]:
-    """The raw user and item ids of ``ids.json``, by row."""
-    try:
-        ids = json.loads(payloads["ids.json"].decode("utf-8"))
-        return _ids(ids["users"]), _ids(ids["items"])
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise bad("ids.json is not a {'users': [...], 'items': [...]} table") from None
-
-
-def _read_seen(
-    folder: Path, payloads: dict[str, bytes], num_users: int, num_items: int, bad: Callable[[str], ModelError]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The training pairs of ``seen.safetensors`` as int32 row indices, checked against the id tables."""
-    seen = _load_tensors(folder, "seen.safetensors", payloads["seen.safetensors"])
-    if "users" not in seen or "items" not in seen or seen["users"].shape != seen["items"].shape:
-        raise bad("seen.safetensors needs 'users' and 'items' arrays of one length")
-    seen_users, seen_items = seen["users"].astype(np.int32), seen["items"].astype(np.int32)
-    if len(seen_users) and (
-        seen_users.min() < 0 or seen_users.max() >= num_users or seen_items.min() < 0 or seen_items.max() >= num_items
-    ):
+        if not (isinstance(y_range, list) and len(y_range) == 2 and all(isinstance(v, (int, float)) and
+                not isinstance(v, bool) and math.isfinite(v) for v in y_range) and y_range[0] < y_range[1]):
+            raise bad(f"the bias model needs a finite y_range [low, high] with low < high; got {y_range!r}")
+    elif y_range is not None:
+        raise bad(f"a {kind!r} model has no y_range; got {y_range!r}")
+    names = TABLES[kind]
+    missing = [t for t in names if t not in result.weights]
+    extra = [t for t in result.weights if t not in names]
+    if missing or extra:
+        raise bad(f"weights.safetensors must hold exactly {', '.join(names)} for a {kind!r} model")
+    num_users, num_items = len(result.user_ids), len(result.item_ids)
+    if model.get("num_users") != num_users or model.get("num_items") != num_items:
+        raise bad(f"metadata.json says {model.get('num_users')} users and {model.get('num_items')} items but "
+                  f"ids.json lists {num_users} and {num_items}")
+    width = result.weights["user_embedding"].shape[-1] if result.weights["user_embedding"].ndim else None
+    if model.get("n_factors") != width:
+        raise bad(f"n_factors {model.get('n_factors')!r} does not match the embeddings' width {width}")
+    rows = {"user_embedding": num_users, "item_embedding": num_items, "user_bias": num_users, "item_bias": num_items}
+    lead = (members,) if members is not None else ()
+    for name, table in result.weights.items():
+        expected = (*lead, rows[name], width if name.endswith("embedding") else 1)
+        if table.dtype != np.float32 or table.shape != expected:
+            raise bad(f"{name} is {table.dtype}{list(table.shape)}, expected float32{list(expected)}")
+        if not np.all(np.isfinite(table)):
+            raise bad(f"{name} holds NaN or infinite values")
+    users, items = result.seen_users, result.seen_items
+    if users.shape != items.shape or users.ndim != 1 or users.dtype.kind not in "iu" or items.dtype.kind not in "iu":
+        raise bad("seen.safetensors needs integer 'users' and 'items' arrays of one length")
+    if len(users) and (users.min() < 0 or users.max() >= num_users or items.min() < 0 or items.max() >= num_items):
         raise bad("seen.safetensors holds indices outside the id tables")
-    return seen_users, seen_items
-
-
-def _read_titles(payloads: dict[str, bytes], bad: Callable[[str], ModelError]) -> list | None:
-    """The ``items.json`` titles table, or None when the export has none."""
-    if "items.json" not in payloads:
-        return None
-    try:
-        return json.loads(payloads["items.json"].decode("utf-8"))["titles"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise bad("items.json is not a {'titles': [[id, title], ...]} table") from None
+    if result.titles is not None and not (
+        isinstance(result.titles, list)
+        and all(isinstance(p, list) and len(p) == 2 and isinstance(p[1], str) for p in result.titles)
+    ):
+        raise bad("items.json is not a {'titles': [[id, title], ...]} table")

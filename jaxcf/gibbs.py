@@ -17,14 +17,18 @@ The per-row sums ``sum_i V_i V_i^T`` are two matrix products with a dense count 
 table is small (ml-latest-small, ml-100k), else a scan over chunks of ratings (memory ``rows * F * F``
 plus one chunk's outer products, not one ``F x F`` matrix per rating).
 
-What does not live here: the workdir, export and CLI (``jaxcf.ensemble``), SGD training
-(``jaxcf.train``, ``jaxcf.members``).
+A sweep is this family's epoch (``train.epochs`` counts sweeps), so the one loop (``jaxcf.trainer``)
+checkpoints, resumes and shards it like any model: the state holds the chains and a buffer of the
+kept samples. On a mesh every side's rows are sharded over ``model``; the rows that pad a table to a
+multiple of ``model`` are masked out of the hyper-parameter draws and kept at zero.
+
+What does not live here: the F x F solves (``jaxcf.linalg``, plain XLA ops: LAPACK's batched kernels
+can deadlock XLA's CPU thread pool), the loop, SGD training (``jaxcf.sgd``, ``jaxcf.members``).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -32,9 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcf import evaluate, linalg
+from jaxcf import evaluate, linalg, rng
 from jaxcf.config import Config
-from jaxcf.data import DataError, Dataset
+from jaxcf.data import Dataset
+from jaxcf.errors import DataError, TrainingDiverged
+from jaxcf.family import Family
 
 # Ratings per scan step when summing outer products (memory: chunk * F * F floats per chain).
 CHUNK = 8192
@@ -48,7 +54,7 @@ class Side(NamedTuple):
     Dense, for small tables: ``counts`` and ``sums`` float32[num_rows, num_other], how many ratings
     each pair has (0 or 1, more for a repeated pair) and the sum of their centred values; the per-row
     sums are then two matrix products. Chunked, for any size: ``own``, ``other`` int32[chunks, CHUNK]
-    row ids of each rating on this and the other side (padding: own = num_rows, dropped) and
+    row ids of each rating on this and the other side (padding: own = PAD_ID, dropped) and
     ``targets`` float32[chunks, CHUNK] centred ratings (padding 0); the sums are scatter-adds.
     """
 
@@ -65,20 +71,31 @@ class Side(NamedTuple):
 DENSE_CELLS = 1 << 24
 
 
-def _side(own: np.ndarray, other: np.ndarray, targets: np.ndarray, num_rows: int, num_other: int) -> Side:
+# The row id of a padding entry of a chunked side: beyond any table, so its scatter is dropped.
+PAD_ID = 2**30
+
+
+def make_side(own: np.ndarray, other: np.ndarray, targets: np.ndarray, num_rows: int, num_other: int) -> Side:
+    """One side's ratings as host arrays (dense or chunked; see :class:`Side`).
+
+    Args:
+      own, other: int[n] row ids of each rating on this side and on the other.
+      targets: float[n] centred ratings.
+      num_rows, num_other: the table sizes (the padded ones on a mesh).
+    """
     if num_rows * num_other <= DENSE_CELLS:
         counts = np.zeros((num_rows, num_other), np.float32)
         sums = np.zeros((num_rows, num_other), np.float64)
         np.add.at(counts, (own, other), 1.0)
         np.add.at(sums, (own, other), targets)
-        return Side(counts=jnp.asarray(counts), sums=jnp.asarray(sums, jnp.float32))
+        return Side(counts=counts, sums=sums.astype(np.float32))
     n = len(own)
     chunks = max(1, -(-n // CHUNK))
     pad = chunks * CHUNK - n
     return Side(
-        own=jnp.asarray(np.pad(own, (0, pad), constant_values=num_rows).reshape(chunks, CHUNK), jnp.int32),
-        other=jnp.asarray(np.pad(other, (0, pad)).reshape(chunks, CHUNK), jnp.int32),
-        targets=jnp.asarray(np.pad(targets, (0, pad)).reshape(chunks, CHUNK), jnp.float32),
+        own=np.pad(own, (0, pad), constant_values=PAD_ID).reshape(chunks, CHUNK).astype(np.int32),
+        other=np.pad(other, (0, pad)).reshape(chunks, CHUNK).astype(np.int32),
+        targets=np.pad(targets, (0, pad)).reshape(chunks, CHUNK).astype(np.float32),
     )
 
 
@@ -103,18 +120,23 @@ def wishart(key: jax.Array, scale_root: jax.Array, df: float) -> jax.Array:
     return root @ root.T
 
 
-def sample_hyperparameters(key: jax.Array, factors: jax.Array) -> tuple[jax.Array, jax.Array]:
+def sample_hyperparameters(
+    key: jax.Array, factors: jax.Array, num_rows: int | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Draws (mu, Lambda) of one side from their Normal-Wishart conditional given its vectors.
 
     Args:
       factors: float32[rows, F] the side's current vectors.
+      num_rows: how many leading rows are real (the others pad the table on a mesh); None: all.
 
     Returns:
       (mu float32[F], Lambda float32[F, F]).
     """
-    rows, size = factors.shape
-    mean = factors.mean(axis=0)
-    centred = factors - mean[None]
+    size = factors.shape[1]
+    rows = factors.shape[0] if num_rows is None else num_rows
+    real = (jnp.arange(factors.shape[0]) < rows)[:, None]
+    mean = jnp.sum(jnp.where(real, factors, 0.0), axis=0) / rows
+    centred = jnp.where(real, factors - mean[None], 0.0)
     scatter = centred.T @ centred  # rows * sample covariance
     beta = BETA0 + rows
     # W*^-1 = W0^-1 + N S + beta0 N / (beta0 + N) (mu0 - mean)(mu0 - mean)^T, with mu0 = 0, W0 = I.
@@ -178,25 +200,34 @@ def draw_rows(
     return mean + linalg.solve_lower_transpose(chol, noise)
 
 
-def sample_side(key: jax.Array, own: jax.Array, other: jax.Array, side: Side, alpha: float) -> jax.Array:
-    """One side's hyper-parameters from its current vectors, then all its rows given the other side."""
+def sample_side(
+    key: jax.Array, own: jax.Array, other: jax.Array, side: Side, alpha: float, num_rows: int | None = None
+) -> jax.Array:
+    """One side's hyper-parameters from its current vectors, then all its rows given the other side.
+
+    Rows at or beyond ``num_rows`` (a mesh's padding) stay zero.
+    """
     key_hyper, key_rows = jax.random.split(key)
-    mu, lam = sample_hyperparameters(key_hyper, own)
+    mu, lam = sample_hyperparameters(key_hyper, own, num_rows)
     gram, rhs = normal_equations(other, side, own.shape[0])
-    return draw_rows(key_rows, gram, rhs, mu, lam, alpha)
+    drawn = draw_rows(key_rows, gram, rhs, mu, lam, alpha)
+    if num_rows is None or num_rows == own.shape[0]:
+        return drawn
+    return jnp.where((jnp.arange(own.shape[0]) < num_rows)[:, None], drawn, 0.0)
 
 
-def make_sweep(user_side: Side, item_side: Side, alpha: float) -> Callable:
-    """A jitted ``(keys [C], users float32[C, U, F], items float32[C, I, F]) -> (users, items)``:
-    one Gibbs sweep of C independent chains, vmapped."""
+def make_sweep(user_side: Side, item_side: Side, alpha: float, num_users: int | None = None,
+               num_items: int | None = None) -> Callable:
+    """``(keys [C], users float32[C, U, F], items float32[C, I, F]) -> (users, items)``: one Gibbs
+    sweep of C independent chains, vmapped (not jitted: the caller jits it with its shardings)."""
 
     def sweep(key, users, items):
         key_users, key_items = jax.random.split(key)
-        users = sample_side(key_users, users, items, user_side, alpha)
-        items = sample_side(key_items, items, users, item_side, alpha)
+        users = sample_side(key_users, users, items, user_side, alpha, num_users)
+        items = sample_side(key_items, items, users, item_side, alpha, num_items)
         return users, items
 
-    return jax.jit(jax.vmap(sweep), donate_argnums=(1, 2))
+    return jax.vmap(sweep)
 
 
 def kept_sweeps(sweeps: int, burn_in: int, per_chain: int) -> list[int]:
@@ -213,101 +244,167 @@ def kept_sweeps(sweeps: int, burn_in: int, per_chain: int) -> list[int]:
     return [sweeps - thin * j for j in reversed(range(per_chain))]
 
 
-class Result(NamedTuple):
-    """What :func:`fit` returns.
+
+
+class GibbsState(NamedTuple):
+    """The sampler's state: the chains now, and the samples kept so far.
 
     Attributes:
-      members: ``user_embedding`` float32[K, U, F + 1] and ``item_embedding`` float32[K, I, F + 1]:
-        the kept samples as dot models (see the module docstring).
-      history: one metrics record per sweep; ``valid_rmse`` is that of the mean of the samples kept
-        so far (before the first kept sample, of the current samples' mean over chains).
+      users, items: float32[C, U, F], float32[C, I, F] each chain's current sample.
+      kept_users, kept_items: float32[S, C, U, F], float32[S, C, I, F]: slot ``s`` holds the chains'
+        samples of the ``s``-th kept sweep (zeros until then).
     """
 
-    members: dict[str, np.ndarray]
-    history: list[dict]
+    users: jax.Array
+    items: jax.Array
+    kept_users: jax.Array
+    kept_items: jax.Array
 
 
-def fit(config: Config, dataset: Dataset, on_epoch: Callable[[dict], None] | None = None) -> Result:
-    """Runs ``config.ensemble.chains`` chains for ``config.train.epochs`` sweeps each.
+def row_axes(state: GibbsState) -> GibbsState:
+    return GibbsState(1, 1, 2, 2)
 
-    Args:
-      config: ``model.n_factors`` is F; ``ensemble.size`` samples are kept in all, ``size / chains``
-        per chain; ``ensemble.burn_in`` and ``ensemble.noise_precision`` (alpha) as documented.
-      dataset: ratings and split.
-      on_epoch: called with each sweep's metrics record.
 
-    Returns:
-      :class:`Result`.
+def _member_scores(state_parts, users, items, mean):
+    """float32[C + 1, n]: each chain's current prediction, then the mean of the kept samples (or of the
+    chains, before the first kept sweep)."""
+    chains, kept_users, kept_items, filled = state_parts
+    current = jnp.sum(chains[0][:, users] * chains[1][:, items], axis=-1) + mean
+    kept = jnp.einsum("scnf,scnf->sn", kept_users[:, :, users], kept_items[:, :, items],
+                      precision=jax.lax.Precision.HIGHEST) / chains[0].shape[0] + mean
+    count = jnp.sum(filled)
+    ensemble = jnp.where(count > 0, jnp.sum(filled[:, None] * kept, axis=0) / jnp.maximum(count, 1),
+                         jnp.mean(current, axis=0))
+    return jnp.concatenate([current, ensemble[None]], axis=0)
+
+
+def as_members(state: GibbsState, mean: float) -> dict[str, jax.Array]:
+    """Kept samples as ``S * C`` dot models with the mean folded in (sweep-major, then chain)."""
+    users = state.kept_users.reshape(-1, *state.kept_users.shape[2:])
+    items = state.kept_items.reshape(-1, *state.kept_items.shape[2:])
+    ones = jnp.ones((*users.shape[:2], 1), users.dtype)
+    means = jnp.full((*items.shape[:2], 1), mean, items.dtype)
+    return {"user_embedding": jnp.concatenate([users, ones], axis=2),
+            "item_embedding": jnp.concatenate([items, means], axis=2)}
+
+
+def family(config: Config, dataset: Dataset, layout=None) -> Family:
+    """The Gibbs sampler as a family: ``config.ensemble.chains`` chains, ``train.epochs`` sweeps each.
+
+    ``model.n_factors`` is F; ``ensemble.size`` samples are kept in all, ``size / chains`` per chain;
+    ``ensemble.burn_in`` and ``ensemble.noise_precision`` (alpha) as documented in ``jaxcf.config``.
     """
     ratings = dataset.ratings
     train, valid = dataset.split.train, dataset.split.valid
-    size, chains = config.ensemble.size, config.ensemble.chains
-    factors = config.model.n_factors
-    kept = set(kept_sweeps(config.train.epochs, config.ensemble.burn_in, size // chains))
+    size, chains, factors = config.ensemble.size, config.ensemble.chains, config.model.n_factors
+    per_chain = size // chains
+    kept = kept_sweeps(config.train.epochs, config.ensemble.burn_in, per_chain)
+    slot_of = {sweep: slot for slot, sweep in enumerate(kept)}
     mean = float(np.mean(ratings.ratings[train], dtype=np.float64))
     centred = ratings.ratings[train].astype(np.float64) - mean
-    user_side = _side(ratings.users[train], ratings.items[train], centred, ratings.num_users, ratings.num_items)
-    item_side = _side(ratings.items[train], ratings.users[train], centred, ratings.num_items, ratings.num_users)
-    sweep = make_sweep(user_side, item_side, config.ensemble.noise_precision)
-
-    root = jax.random.key(config.seed)
-    init_key, chain_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 2)
-    # Small random starts; the burn-in forgets them (the paper starts from a MAP solution instead).
-    users = 0.1 * jax.random.normal(jax.random.fold_in(init_key, 0), (chains, ratings.num_users, factors))
-    items = 0.1 * jax.random.normal(jax.random.fold_in(init_key, 1), (chains, ratings.num_items, factors))
+    num_users, num_items = ratings.num_users, ratings.num_items
+    rows_u = layout.padded_rows(num_users) if layout else num_users
+    rows_i = layout.padded_rows(num_items) if layout else num_items
+    user_side = make_side(ratings.users[train], ratings.items[train], centred, rows_u, rows_i)
+    item_side = make_side(ratings.items[train], ratings.users[train], centred, rows_i, rows_u)
+    alpha = config.ensemble.noise_precision
+    chain_key = rng.stream(config.seed, "chains")
     chain_keys = jnp.stack([jax.random.fold_in(chain_key, c) for c in range(chains)])
+    train_u, train_i = ratings.users[train], ratings.items[train]
+    train_targets = ratings.ratings[train]
+    valid_targets = ratings.ratings[valid]
 
-    predict = _make_predict(mean)
-    valid_users, valid_items = jnp.asarray(ratings.users[valid]), jnp.asarray(ratings.items[valid])
-    train_users, train_items = jnp.asarray(ratings.users[train]), jnp.asarray(ratings.items[train])
-    valid_targets, train_targets = ratings.ratings[valid], ratings.ratings[train]
-    total = np.zeros(len(valid), np.float64)
-    members_users, members_items, history = [], [], []
-    for epoch in range(1, config.train.epochs + 1):
-        start = time.perf_counter()
-        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(chain_keys, epoch)
-        users, items = sweep(keys, users, items)
-        sample_valid = np.asarray(predict(users, items, valid_users, valid_items), np.float64)  # [C, n_valid]
-        sample_train = np.asarray(predict(users, items, train_users, train_items), np.float64)
-        if epoch in kept:
-            total += sample_valid.sum(axis=0)
-            members_users.append(np.asarray(users))
-            members_items.append(np.asarray(items))
-        count = len(members_users) * chains
-        ensemble = total / count if count else sample_valid.mean(axis=0)
-        valid_mse = evaluate.mse(ensemble, valid_targets)
-        record = {
-            "epoch": epoch,
-            "train_loss": float(np.mean((sample_train - train_targets[None]) ** 2)),
-            "valid_mse": valid_mse,
-            "valid_rmse": math.sqrt(valid_mse),
-            "valid_mae": evaluate.mae(ensemble, valid_targets),
-            "sample_valid_rmse": float(np.mean(np.sqrt(np.mean((sample_valid - valid_targets[None]) ** 2, axis=1)))),
-            "members": count,
-            "seconds": time.perf_counter() - start,
+    def store(state, slot):
+        return state._replace(kept_users=state.kept_users.at[slot].set(state.users),
+                              kept_items=state.kept_items.at[slot].set(state.items))
+
+    def train_mse(users, items):
+        predictions = jnp.sum(users[:, train_u] * items[:, train_i], axis=-1) + mean
+        return jnp.mean((predictions - train_targets[None]) ** 2, axis=1)
+
+    def scores(parts, u, i):
+        return _member_scores(parts, u, i, mean)
+
+    if layout is None:
+        user_side_d = jax.tree.map(jnp.asarray, user_side)
+        item_side_d = jax.tree.map(jnp.asarray, item_side)
+        sweep_fn = jax.jit(lambda k, u, i, us, its: make_sweep(us, its, alpha, num_users, num_items)(k, u, i),
+                           donate_argnums=(1, 2))
+        store_fn = jax.jit(store, donate_argnums=(0,))
+        train_fn = jax.jit(train_mse)
+    else:
+        user_side_d, item_side_d = layout.replicate(user_side), layout.replicate(item_side)
+        shard_u, shard_k = layout.sharding(3, 1), layout.sharding(4, 2)
+        state_shardings = GibbsState(shard_u, shard_u, shard_k, shard_k)
+        sweep_fn = jax.jit(
+            lambda k, u, i, us, its: make_sweep(us, its, alpha, num_users, num_items)(k, u, i),
+            in_shardings=(layout.replicated, shard_u, shard_u, jax.tree.map(lambda _: layout.replicated, user_side),
+                          jax.tree.map(lambda _: layout.replicated, item_side)),
+            out_shardings=(shard_u, shard_u),
+            donate_argnums=(1, 2),
+        )
+        store_fn = jax.jit(store, in_shardings=(state_shardings, layout.replicated),
+                           out_shardings=state_shardings, donate_argnums=(0,))
+
+        def train_fn(users, items):
+            return layout.fetch(train_mse, users, items)
+
+    predict = validation_predictor(config, dataset, layout, scores)
+
+    def init():
+        root = rng.stream(config.seed, "init")
+        # Small random starts; the burn-in forgets them (the paper starts from a MAP solution instead).
+        users = 0.1 * jax.random.normal(jax.random.fold_in(root, 0), (chains, num_users, factors))
+        items = 0.1 * jax.random.normal(jax.random.fold_in(root, 1), (chains, num_items, factors))
+        return GibbsState(users, items, jnp.zeros((per_chain, chains, num_users, factors)),
+                          jnp.zeros((per_chain, chains, num_items, factors)))
+
+    def epoch(state, number):
+        sweep_number = number + 1
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(chain_keys, sweep_number)
+        users, items = sweep_fn(keys, state.users, state.items, user_side_d, item_side_d)
+        state = state._replace(users=users, items=items)
+        if sweep_number in slot_of:
+            state = store_fn(state, slot_of[sweep_number])
+        return state, np.asarray(train_fn(state.users, state.items), np.float64)  # the sweep's host sync
+
+    def record(state, number, losses, carry):
+        filled = np.asarray([sweep <= number + 1 for sweep in kept], np.float32)
+        parts = ((state.users, state.items), state.kept_users, state.kept_items, jnp.asarray(filled))
+        all_scores = predict(parts).astype(np.float64)
+        current, ensemble = all_scores[:-1], all_scores[-1]
+        result = {
+            "epoch": number + 1,
+            "train_loss": float(np.mean(losses)),
+            **evaluate.regression_metrics(ensemble, valid_targets),
+            "sample_valid_rmse": float(np.mean(np.sqrt(np.mean((current - valid_targets[None]) ** 2, axis=1)))),
+            "members": int(filled.sum()) * chains,
         }
-        history.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
-    return Result(_as_dot_members(members_users, members_items, mean), history)
+        if not (np.all(np.isfinite(losses)) and math.isfinite(result["valid_rmse"])):
+            raise TrainingDiverged(
+                f"the Gibbs sampler produced non-finite factors in sweep {number + 1}; check the ratings' scale "
+                "(they are centred on their mean, but must be finite and moderate) or lower ensemble.noise_precision"
+            )
+        return result, carry
+
+    return Family(
+        name="gibbs",
+        init=init,
+        epoch=epoch,
+        record=record,
+        params=lambda state: as_members(state, mean),
+        row_axes=row_axes,
+        final=lambda params: evaluate.final_metrics(dataset, None, params),
+        model_info={"kind": "dot", "n_factors": factors + 1, "y_range": None, "num_users": num_users,
+                    "num_items": num_items, "ensemble_size": size, "ensemble_method": "gibbs"},
+    )
 
 
-def _make_predict(mean: float) -> Callable:
-    @jax.jit
-    def predict(users, items, user_ids, item_ids):
-        """float32[C, n]: each chain's prediction for the pairs."""
-        return jnp.sum(users[:, user_ids] * items[:, item_ids], axis=-1) + mean
-
-    return predict
-
-
-def _as_dot_members(users: list[np.ndarray], items: list[np.ndarray], mean: float) -> dict[str, np.ndarray]:
-    """Kept samples (each float32[C, rows, F]) as K = samples * C dot models with the mean folded in."""
-    users_k = np.concatenate(users, axis=0)
-    items_k = np.concatenate(items, axis=0)
-    ones = np.ones(users_k.shape[:2] + (1,), np.float32)
-    means = np.full(items_k.shape[:2] + (1,), mean, np.float32)
-    return {
-        "user_embedding": np.concatenate([users_k.astype(np.float32), ones], axis=2),
-        "item_embedding": np.concatenate([items_k.astype(np.float32), means], axis=2),
-    }
+def validation_predictor(config: Config, dataset: Dataset, layout, predict_fn: Callable) -> Callable:
+    """``parts -> float32[C + 1, n_valid]`` (see :func:`_member_scores`), on one device or the mesh."""
+    ratings, valid = dataset.ratings, dataset.split.valid
+    users, items = ratings.users[valid], ratings.items[valid]
+    if layout is None:
+        jitted = jax.jit(predict_fn)
+        return lambda parts: np.asarray(jitted(parts, jnp.asarray(users), jnp.asarray(items)))
+    return layout.make_predict(predict_fn, users, items, config.train.eval_batch_size)

@@ -1,4 +1,4 @@
-"""Flax modules for the notebook's two models: forward pass only.
+"""The notebook's two models: Flax modules, and the one copy of their scoring rule.
 
 Parameters are a flat dict of named tables, so weights can be injected from elsewhere (the parity
 suite loads PyTorch's) and optimizers and shardings can address each table by name:
@@ -13,13 +13,18 @@ name               shape                PyTorch notebook name
 =================  ===================  ================================
 
 Scoring of rows that are already gathered is reachable as :func:`score_rows`, so a row-sparse
-optimizer can differentiate with respect to the gathered rows only.
+optimizer can differentiate with respect to the gathered rows only. :func:`score_pairs` (pairs of
+indices) and :func:`score_block` (every item for a block of users) score a model or an ensemble whose
+tables are stacked along a leading member axis (``float32[K, rows, d]``): the ensemble's prediction
+is the mean of its members' (for biased members, the mean of their scaled sigmoids). Every
+prediction jaxcf makes, in training, evaluation and inference, goes through these.
 
-What does not live here: losses and training (``jaxcf.train``).
+What does not live here: losses and training steps (``jaxcf.steps``), metrics (``jaxcf.evaluate``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -69,6 +74,64 @@ def gather_rows(params: Mapping[str, jax.Array], users: jax.Array, items: jax.Ar
         ids = users if name in USER_TABLES else items
         rows[name] = jnp.take(table, ids, axis=0)
     return rows
+
+
+def _members(params: Mapping[str, jax.Array]) -> bool:
+    """Whether the tables are stacked along a leading member axis."""
+    return params["user_embedding"].ndim == 3
+
+
+@functools.partial(jax.jit, static_argnames=("y_range", "per_member"))
+def score_pairs(
+    params: Mapping[str, jax.Array], users: jax.Array, items: jax.Array, y_range=None, per_member: bool = False
+) -> jax.Array:
+    """Predictions for (user, item) index pairs.
+
+    Args:
+      params: a model's tables (float32[rows, d]), or an ensemble's stacked (float32[K, rows, d]).
+      users, items: int32[n] indices in range.
+      y_range: the biased model's output range (a tuple: static); None for the dot model.
+      per_member: for stacked tables, every member's predictions instead of their mean.
+
+    Returns:
+      float32[n], or float32[K, n] with ``per_member``.
+    """
+
+    def one(p):
+        return score_rows(gather_rows(p, users, items), y_range)
+
+    if not _members(params):
+        return one(params)
+    scores = jax.vmap(one)(params)
+    return scores if per_member else jnp.mean(scores, axis=0)
+
+
+def _block_one(params: Mapping[str, jax.Array], users: jax.Array, y_range) -> jax.Array:
+    # HIGHEST: on GPUs a float32 matmul may otherwise run in TF32 and disagree with score_pairs.
+    highest = jax.lax.Precision.HIGHEST
+    logits = jnp.matmul(params["user_embedding"][users], params["item_embedding"].T, precision=highest)
+    if y_range is None:
+        return logits
+    logits = logits + params["user_bias"][users] + params["item_bias"][:, 0][None, :]
+    low, high = y_range
+    return jax.nn.sigmoid(logits) * (high - low) + low
+
+
+@functools.partial(jax.jit, static_argnames=("y_range",))
+def score_block(params: Mapping[str, jax.Array], users: jax.Array, y_range=None) -> jax.Array:
+    """Predicted ratings of every item for a block of users.
+
+    Args:
+      params: as for :func:`score_pairs`.
+      users: int32[B] user indices.
+      y_range: as for :func:`score_pairs`.
+
+    Returns:
+      float32[B, num_items]; for stacked tables, the members' mean.
+    """
+    if _members(params):
+        return jnp.mean(jax.vmap(lambda p: _block_one(p, users, y_range))(params), axis=0)
+    return _block_one(params, users, y_range)
 
 
 class EmbeddingDot(nn.Module):

@@ -1,11 +1,11 @@
 """``python -m jaxcf.predict``: the predicted rating of one user for one item, from an exported model.
 
-    python -m jaxcf.predict --model runs/bias --user 1 --item 31 [--strict]
+    python -m jaxcf.predict --model runs/bias --user 1 --item 31 [--strict] [--fallback mean|known_terms]
 
-An unknown user or item gets the documented fallback (see ``jaxcf.recommend``), and the output
-says so; ``--strict`` makes it an error instead (exit status 2).
+An unknown user or item gets the documented fallback (``jaxcf.fallback``), and the output says so;
+``--strict`` makes it an error instead (exit status 2). Ids are matched exactly as written.
 
-What does not live here: the inference itself (``jaxcf.recommend``).
+What does not live here: the inference itself (``jaxcf.inference``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from jaxcf.export import ModelError
-from jaxcf.recommend import FALLBACKS, load_model
+from jaxcf import cli
+from jaxcf.inference import FALLBACKS, load_model
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -33,27 +33,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         model = load_model(args.model)
         result = model.predict([args.user], [args.item], strict=args.strict, fallback=args.fallback)
-    except ModelError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    rating = float(result.ratings[0])
-    title = model.title(args.item)
-    item = f"item {args.item}" + (f" ({title})" if title else "")
-    line = f"user {args.user}, {item}: predicted rating {rating:.4f}"
-    if result.fallback[0]:
-        user_known, item_known = bool(result.user_known[0]), bool(result.item_known[0])
-        unknown = " and ".join(
-            what for what, known in (("user", user_known), ("item", item_known)) if not known
-        )
-        rule = model.fallback_rule(user_known, item_known)
-        if args.fallback == "known_terms" and model.kind == "bias":
-            rule = "scaled sigmoid of the known biases"
-        line += f" (fallback: unknown {unknown}; {rule})"
-    print(line)
-    return 0
+        rating = float(result.ratings[0])
+        title = model.title(args.item)
+        item = f"item {args.item}" + (f" ({title})" if title else "")
+        line = f"user {args.user}, {item}: predicted rating {rating:.4f}"
+        if result.fallback[0]:
+            user_known, item_known = bool(result.user_known[0]), bool(result.item_known[0])
+            unknown = " and ".join(what for what, known in (("user", user_known), ("item", item_known)) if not known)
+            rule = model.fallback_rule(user_known, item_known)
+            if args.fallback == "known_terms" and model.kind == "bias":
+                rule = "scaled sigmoid of the known biases"
+            line += f" (fallback: unknown {unknown}; {rule})"
+        print(line)
+        return 0
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ With ~9,000 candidate items per user and a handful of relevant ones, these numbe
 model that ranks at random has precision@10 of about |relevant| / 9,000); they compare models on
 one split, not across datasets.
 
-What does not live here: RMSE/MAE (``jaxcf.evaluate``), top-k for raw ids (``jaxcf.recommend``).
+What does not live here: the scoring rule (``jaxcf.models.score_block``), RMSE/MAE
+(``jaxcf.evaluate``), top-k for raw ids (``jaxcf.inference``).
 """
 
 from __future__ import annotations
@@ -31,40 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcf.models import score_block
+
 DEFAULT_KS = (5, 10, 20)
 DEFAULT_THRESHOLD = 4.0
 # Users scored per device call: a [users, num_items] block (ml-latest-small: 256 x 9,066 floats per member).
 USERS_PER_BLOCK = 256
-
-
-def _scores_one(params: Mapping[str, jax.Array], users: jax.Array, y_range) -> jax.Array:
-    # HIGHEST: on GPUs a float32 matmul may otherwise run in TF32 and disagree with pairwise predictions.
-    logits = jnp.matmul(
-        params["user_embedding"][users], params["item_embedding"].T, precision=jax.lax.Precision.HIGHEST
-    )
-    if y_range is None:
-        return logits
-    logits = logits + params["user_bias"][users] + params["item_bias"][:, 0][None, :]
-    low, high = y_range
-    return jax.nn.sigmoid(logits) * (high - low) + low
-
-
-@functools.partial(jax.jit, static_argnames=("y_range",))
-def score_block(params: Mapping[str, jax.Array], users: jax.Array, y_range: tuple[float, float] | None) -> jax.Array:
-    """Predicted ratings of every item for a block of users.
-
-    Args:
-      params: a model's tables (``user_embedding`` float32[U, F], ...), or an ensemble's stacked along
-        a leading member axis (float32[K, U, F], ...), whose prediction is the members' mean.
-      users: int32[B] user indices.
-      y_range: the biased model's output range; None for the dot model.
-
-    Returns:
-      float32[B, num_items].
-    """
-    if params["user_embedding"].ndim == 3:
-        return jnp.mean(jax.vmap(lambda p: _scores_one(p, users, y_range))(params), axis=0)
-    return _scores_one(params, users, y_range)
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -169,7 +142,7 @@ def model_ranking_metrics(
     """:func:`ranking_metrics` for a model's (or a stacked ensemble's) tables.
 
     Args:
-      params: tables as in :func:`score_block`.
+      params: tables as in ``jaxcf.models.score_block``.
       train: (users, items) int32 training pairs; valid: (users, items, ratings) held-out ratings.
     """
     device_params = {name: jnp.asarray(table, jnp.float32) for name, table in params.items()}

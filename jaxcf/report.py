@@ -15,7 +15,11 @@ Writes into ``--out`` (default: ``report/`` next to the model folder, i.e. ``WOR
 Figures use Matplotlib's object API on an Agg canvas, so no display and no global backend switch
 are needed.
 
-What does not live here: the inference (``jaxcf.recommend``).
+The report folder is written as a whole (a new folder, then one rename), so a failure leaves no
+partial report. Any model a run can export gets a report: one factor (a 1-D map), one item, a handful
+of ratings.
+
+What does not live here: the inference (``jaxcf.inference``).
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jaxcf.export import ModelError
-from jaxcf.fileio import atomic_write_bytes, atomic_write_text
-from jaxcf.recommend import Model, load_model
+from jaxcf import cli
+from jaxcf.errors import ModelError
+from jaxcf.fileio import replace_directory, staging_directory
+from jaxcf.inference import Model, load_model
 
 # Items in the PCA map: the most-rated ones (fastai's lesson uses the top 1000 as well).
 PCA_ITEMS = 1000
@@ -51,8 +56,8 @@ def read_metrics(model: Model) -> tuple[list[dict], str]:
     ``metrics.jsonl`` in the training workdir (the model folder's parent) is preferred: it is
     rewritten after every epoch, so it also covers a run stopped before the export.
     """
-    jsonl = model.path.parent / "metrics.jsonl"
-    if jsonl.is_file():
+    jsonl = model.path.parent / "metrics.jsonl" if model.path is not None else None
+    if jsonl is not None and jsonl.is_file():
         try:
             records = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines() if line.strip()]
             return records, str(jsonl)
@@ -75,11 +80,20 @@ def _save(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
-    atomic_write_bytes(path, buffer.getvalue())
+    path.write_bytes(buffer.getvalue())
 
 
 def plot_curves(records: list[dict], path: Path) -> None:
-    """Loss (train and validation MSE) and validation RMSE against the epoch."""
+    """Loss (train and validation MSE) and validation RMSE against the epoch.
+
+    Under early stopping the closing record repeats an earlier epoch (the exported one); the curves
+    keep each epoch once, in order.
+    """
+    curve: list[dict] = []
+    for record in records:
+        if not curve or record["epoch"] > curve[-1]["epoch"]:
+            curve.append(record)
+    records = curve
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     loss_ax, rmse_ax = fig.subplots(1, 2)
     epochs = [r["epoch"] for r in records]
@@ -98,7 +112,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
 
 
 def pca_2d(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The first two principal components.
+    """The first two principal components (zero where there are fewer: one factor, one item).
 
     Args:
       vectors: float[n, F].
@@ -106,12 +120,18 @@ def pca_2d(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Returns:
       (float64[n, 2] coordinates, float64[2] fraction of the variance each explains).
     """
+    coords, explained = np.zeros((len(vectors), 2)), np.zeros(2)
+    if len(vectors) == 0:
+        return coords, explained
     centred = vectors.astype(np.float64) - vectors.mean(axis=0, dtype=np.float64)
     _, singular, components = np.linalg.svd(centred, full_matrices=False)
+    count = min(2, len(singular))
     variance = singular**2
     total = variance.sum()
-    explained = variance[:2] / total if total > 0 else np.zeros(2)
-    return centred @ components[:2].T, explained
+    coords[:, :count] = centred @ components[:count].T
+    if total > 0:
+        explained[:count] = variance[:count] / total
+    return coords, explained
 
 
 def _place_labels(ax, fig: Figure, points: np.ndarray, labels: list[str]) -> int:
@@ -142,10 +162,11 @@ def plot_embedding_map(model: Model, path: Path) -> dict:
     rated = np.flatnonzero(model.item_counts > 0)
     order = rated[np.argsort(-model.item_counts[rated], kind="stable")][:PCA_ITEMS]
     coords, explained = pca_2d(model.item_embedding[order])
+    colour_values = model.item_bias[order] if model.item_bias is not None else np.log10(np.maximum(
+        model.item_counts[order], 1))
     fig = Figure(figsize=(10, 8), layout="constrained")
     ax = fig.subplots()
-    colour = model.item_bias[order] if model.item_bias is not None else np.log10(model.item_counts[order])
-    scatter = ax.scatter(coords[:, 0], coords[:, 1], c=colour, cmap="viridis", s=9, alpha=0.7, linewidths=0)
+    scatter = ax.scatter(coords[:, 0], coords[:, 1], c=colour_values, cmap="viridis", s=9, alpha=0.7, linewidths=0)
     fig.colorbar(scatter, ax=ax, label="learned item bias" if model.item_bias is not None else "log10 training ratings")
     labelled = order[:PCA_LABELS]
     labels = [short_title(model.titles[i], f"item {model.item_ids.raw[i]}") for i in labelled.tolist()]
@@ -188,13 +209,19 @@ def _md_table(ranking, score_name: str) -> list[str]:
 
 
 def write_report(model: Model, out: str | Path) -> Path:
-    """Draws the figures and writes ``report.md`` into ``out``.
+    """Draws the figures and writes ``report.md`` into ``out``, replacing any report there as a whole.
 
     Returns:
       The path of ``report.md``.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    target = Path(out)
+    with staging_directory(target) as staging:
+        _write(model, staging)
+        replace_directory(staging, target)
+    return target / "report.md"
+
+
+def _write(model: Model, out: Path) -> None:
     records, metrics_source = read_metrics(model)
     info = model.metadata.get("model", {})
     data = model.metadata.get("data", {})
@@ -255,9 +282,7 @@ def write_report(model: Model, out: str | Path) -> Path:
         ]
     else:
         lines += ["The dot model has no biases, so there is no bias ranking.", ""]
-    report = out / "report.md"
-    atomic_write_text(report, "\n".join(lines))
-    return report
+    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -269,15 +294,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         model = load_model(args.model)
         out = args.out or model.path.parent / "report"
-        report = write_report(model, out)
-    except (ModelError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {report} and its figures")
-    return 0
+        try:
+            report = write_report(model, out)
+        except OSError as err:
+            raise ModelError(f"cannot write the report into {out} ({err.strerror or err}); choose another --out") \
+                from None
+        print(f"wrote {report} and its figures")
+        return 0
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

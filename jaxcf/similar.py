@@ -4,7 +4,7 @@
 
 An unknown item is an error (exit status 2): similarity has no fallback.
 
-What does not live here: the computation (``jaxcf.recommend.Model.similar_items``).
+What does not live here: the computation (``jaxcf.inference.Model.similar_items``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from jaxcf.export import ModelError
-from jaxcf.recommend import format_ranking, load_model
+from jaxcf import cli
+from jaxcf.inference import load_model
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -31,19 +31,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         if args.k < 1:
             raise ValueError(f"--k must be >= 1; got {args.k}")
         model = load_model(args.model)
         ranking = model.similar_items(args.item, k=args.k, min_ratings=args.min_ratings)
-    except (ModelError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    title = model.title(args.item)
-    about = f"item {args.item}" + (f" ({title})" if title else "")
-    print(f"{len(ranking.ids)} items most similar to {about}, by cosine of item embeddings")
-    print(format_ranking(ranking, "cosine"))
-    return 0
+        title = model.title(args.item)
+        about = f"item {args.item}" + (f" ({title})" if title else "")
+        print(f"{len(ranking.ids)} items most similar to {about}, by cosine of item embeddings")
+        print(cli.format_ranking(ranking, "cosine"))
+        return 0
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
-"""The compiled training step and epoch, and the order an epoch visits the training rows in.
+"""The compiled train step and epoch of the gradient-trained models, and the order an epoch visits rows in.
 
 The ratings go onto the device once. Each epoch is one jitted call: its order (drawn on the host by
 :func:`shuffle_order`) is cut into batches, a ``lax.scan`` reads each batch's rows and steps, and
-the state buffers are donated. The host syncs once per epoch.
+the state buffers are donated. The host syncs once per epoch. K models differing in their seed and
+their continuous hyper-parameters train side by side as ``jax.vmap`` of the same epoch
+(:func:`make_members_epoch`), each with its own order.
 
 The last partial batch is trained on, as torch's DataLoader does (80,004 training ratings give 1,250
 batches of 64 and one of 4): it is padded to the batch size with zero-weight entries, and the loss
 is ``sum(w * err**2) / sum(w)``, so its gradient is exactly that of the 4 real ratings.
 
-What does not live here: the fit loop and the CLI (``jaxcf.train``), models (``jaxcf.models``),
-optimizers (``jaxcf.optim``).
+One step function serves every case (:func:`make_step`): an optax transform (with its schedule
+inside) or a row-sparse optimizer (``jaxcf.sparse``), with or without Surprise-style L2 on the rows
+a batch gathers. The sharded epoch (``jaxcf.distributed``) runs the same body (:func:`make_epoch_body`).
+
+What does not live here: building the initial state and the epoch loop (``jaxcf.sgd``,
+``jaxcf.trainer``), models (``jaxcf.models``), optimizers (``jaxcf.optim``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcf import models, optim
+from jaxcf import models, sparse
 
 
 class TrainState(NamedTuple):
@@ -31,108 +37,72 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32[] optimizer steps taken
 
 
-
-# Ratings per chunk of a dense row-sparse step (see make_packed_sparse_step): [16384, 51] float32
-# rows and gradients are 3.3 MB each, which stay in a 32 MiB L3 cache.
-DENSE_CHUNK = 16_384
-
-
 def weighted_mse(predictions: jax.Array, ratings: jax.Array, weights: jax.Array) -> jax.Array:
     """MSE over the entries with weight 1; padding entries (weight 0) contribute nothing."""
     err = predictions - ratings
     return jnp.sum(weights * err * err) / jnp.sum(weights)
 
 
-def make_train_step(optimizer, y_range: tuple[float, float] | None) -> Callable:
-    """A pure ``(state, users, items, ratings, weights) -> (state, loss)`` for one batch."""
-
-    def loss_of_rows(rows, ratings, weights):
-        return weighted_mse(models.score_rows(rows, y_range), ratings, weights)
-
-    if isinstance(optimizer, optim.RowSparse):
-        packed_step = make_packed_sparse_step(optimizer, y_range)
-
-        def sparse_step(state, users, items, ratings, weights):
-            # One step packs and unpacks the tables; make_train_epoch packs once per epoch instead.
-            packed = optim.pack(optimizer, state.params, state.opt_state)
-            packed, loss = packed_step(packed, users, items, ratings, weights)
-            params, opt_state = optim.unpack(optimizer, packed)
-            return TrainState(params, opt_state, state.step + 1), loss
-
-        return sparse_step
-
-    def dense_step(state, users, items, ratings, weights):
-        def loss_fn(params):
-            return loss_of_rows(models.gather_rows(params, users, items), ratings, weights)
-
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
-
-    return dense_step
+def row_penalty(rows: dict[str, jax.Array], weights: jax.Array) -> jax.Array:
+    """``sum(w * |row|^2) / sum(w)`` over every gathered row (embeddings and biases): Surprise-style L2
+    on the rows a batch touches, once per rating."""
+    return sum(jnp.sum(weights[:, None] * row * row) for row in rows.values()) / jnp.sum(weights)
 
 
-def make_packed_sparse_step(
-    optimizer: optim.RowSparse, y_range: tuple[float, float] | None, chunk_size: int = DENSE_CHUNK
-) -> Callable:
-    """A pure ``(packed, users, items, ratings, weights) -> (packed, loss)`` for a row-sparse optimizer.
+def make_step(tx: optax.GradientTransformation, y_range: tuple[float, float] | None, row_l2: bool = False) -> Callable:
+    """A pure ``(state, row_l2, users, items, ratings, weights) -> (state, mse)`` for one batch.
 
-    ``packed`` is :class:`jaxcf.optim.Packed`: each id kind's tables and optimizer slots side by side,
-    so the rows gathered for the forward pass are the rows the optimizer updates (one gather and one
-    scatter per id kind and batch).
+    Args:
+      tx: the optax transform (``jaxcf.optim.transform``).
+      y_range: the biased model's output range; None for the dot model.
+      row_l2: whether the loss adds ``row_l2 * row_penalty``; without it the ``row_l2`` argument is
+        ignored and the step is exactly the notebook's.
 
-    When every table is updated densely (large batches: see ``RowSparse.dense_rows_per_id``) and
-    the batch is a multiple of ``chunk_size`` larger than it, the batch's gradients are computed
-    ``chunk_size`` ratings at a time and summed into table-sized buffers, then every table is
-    updated once: the same step (the same parameters score every chunk, and the sums are added in
-    batch order, as one scatter of the whole batch adds them), but each chunk's rows and gradients
-    stay in cache instead of streaming ``[batch, F]`` arrays through memory.
+    The returned loss is the MSE alone.
     """
 
-    def loss_and_grads(packed, users, items, ratings, weights, total_weight):
-        def loss_of_group_rows(group_rows):
-            rows = optim.table_rows(packed, group_rows)
-            err = models.score_rows(rows, y_range) - ratings
-            return jnp.sum(weights * err * err) / total_weight
+    def step(state, l2, users, items, ratings, weights):
+        def loss_fn(params):
+            rows = models.gather_rows(params, users, items)
+            mse = weighted_mse(models.score_rows(rows, y_range), ratings, weights)
+            return (mse + l2 * row_penalty(rows, weights) if row_l2 else mse), mse
 
-        gathered = optim.gather_rows(packed, users, items)
-        loss, group_grads = jax.value_and_grad(loss_of_group_rows)(gathered)
-        return loss, group_grads, gathered
-
-    def step(packed, users, items, ratings, weights):
-        # Padding entries must not count as touching a row (they would advance its moments).
-        real = weights > 0
-        ids = {"user": jnp.where(real, users, -1), "item": jnp.where(real, items, -1)}
-        total_weight = jnp.sum(weights)
-        batch = users.shape[0]
-        chunked = (
-            batch > chunk_size > 0
-            and batch % chunk_size == 0
-            and all(optim.updates_densely(optimizer, g, batch) for g in packed.groups.values())
-        )
-        if not chunked:
-            loss, group_grads, gathered = loss_and_grads(packed, users, items, ratings, weights, total_weight)
-            return optim.sparse_step(optimizer, packed, group_grads, ids["user"], ids["item"], gathered), loss
-
-        def chunk(carry, xs):
-            accs, loss = carry
-            chunk_users, chunk_items, chunk_ratings, chunk_weights, chunk_ids = xs
-            part, group_grads, _ = loss_and_grads(
-                packed, chunk_users, chunk_items, chunk_ratings, chunk_weights, total_weight
-            )
-            accs = {g: optim.accumulate(accs[g], chunk_ids[g], group_grads[g]) for g in accs}
-            return (accs, loss + part), None
-
-        def split(x):
-            return x.reshape(batch // chunk_size, chunk_size, *x.shape[1:])
-
-        accs = {g: optim.zero_accumulator(group) for g, group in packed.groups.items()}
-        xs = jax.tree.map(split, (users, items, ratings, weights, ids))
-        (accs, loss), _ = jax.lax.scan(chunk, (accs, jnp.zeros((), jnp.float32)), xs)
-        groups = {g: optim.apply_dense(optimizer, group, accs[g]) for g, group in packed.groups.items()}
-        return optim.Packed(groups, packed.names, packed.widths), loss
+        (_, mse), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), mse
 
     return step
+
+
+def make_epoch_body(
+    optimizer, y_range, *, row_l2: bool = False, dense_chunk: int = sparse.DENSE_CHUNK
+) -> Callable:
+    """``(state, l2, xs, read) -> (state, float32[num_batches] losses)``: one epoch as a ``lax.scan``.
+
+    ``xs`` are the epoch's batches in any form and ``read(x)`` turns one into ``(users, items,
+    ratings, weights)``: positions read inside the scan on one device (:func:`make_train_epoch`), or
+    the values themselves on a mesh (``jaxcf.distributed``). A row-sparse optimizer trains on packed
+    tables, packed once before the scan and unpacked after it.
+    """
+    if isinstance(optimizer, sparse.RowSparse):
+        if row_l2:
+            raise ValueError("row L2 needs a dense optimizer (adam or adamw)")
+        packed_step = sparse.make_packed_step(optimizer, y_range, dense_chunk)
+
+        def sparse_body(state, l2, xs, read):
+            packed = sparse.pack(optimizer, state.params, state.opt_state)
+            packed, losses = jax.lax.scan(lambda carry, x: packed_step(carry, *read(x)), packed, xs)
+            params, opt_state = sparse.unpack(optimizer, packed)
+            steps = jax.tree.leaves(xs)[0].shape[0]
+            return TrainState(params, opt_state, state.step + steps), losses
+
+        return sparse_body
+    step = make_step(optimizer, y_range, row_l2)
+
+    def body(state, l2, xs, read):
+        return jax.lax.scan(lambda carry, x: step(carry, l2, *read(x)), state, xs)
+
+    return body
 
 
 def num_batches(num_ratings: int, batch_size: int) -> int:
@@ -153,54 +123,47 @@ def epoch_index(order: jax.Array, batch_size: int, dtype=jnp.float32) -> tuple[j
     return index.reshape(batches, batch_size), weights.reshape(batches, batch_size)
 
 
-def epoch_batches(users, items, ratings, order, batch_size: int) -> tuple[jax.Array, ...]:
-    """The epoch's batches as ``[num_batches, batch_size]`` arrays (users, items, ratings, weights);
-    see :func:`epoch_index`."""
-    index, weights = epoch_index(order, batch_size, ratings.dtype)
-    return jnp.take(users, index), jnp.take(items, index), jnp.take(ratings, index), weights
+def _reader(users, items, ratings) -> Callable:
+    """Reads one batch inside the scan: its rows stay in cache instead of a whole epoch's batched copies
+    of the columns being written out first."""
+
+    def read(x):
+        index, weights = x
+        return (
+            users.at[index].get(mode="promise_in_bounds"),
+            items.at[index].get(mode="promise_in_bounds"),
+            ratings.at[index].get(mode="promise_in_bounds"),
+            weights,
+        )
+
+    return read
 
 
-def _batch(users, items, ratings, index, weights) -> tuple[jax.Array, ...]:
-    """One batch, read inside the scan: its rows stay in cache instead of a whole epoch's batched
-    copies of the columns being written out first."""
-    return (
-        users.at[index].get(mode="promise_in_bounds"),
-        items.at[index].get(mode="promise_in_bounds"),
-        ratings.at[index].get(mode="promise_in_bounds"),
-        weights,
-    )
+def make_train_epoch(optimizer, y_range, batch_size: int, *, row_l2: bool = False,
+                     dense_chunk: int = sparse.DENSE_CHUNK) -> Callable:
+    """A jitted ``(state, l2, users, items, ratings, order) -> (state, float32[num_batches] losses)``.
 
-
-def make_train_epoch(optimizer, y_range, batch_size: int, dense_chunk: int = DENSE_CHUNK) -> Callable:
-    """A jitted ``(state, users, items, ratings, order) -> (state, float32[num_batches] losses)``.
-
-    ``order`` is int32[n]: the epoch's permutation of the training rows. The state is donated.
-    A row-sparse optimizer trains on packed tables (packed once before the scan, unpacked after);
-    ``dense_chunk`` is its ``make_packed_sparse_step`` chunk size (0: no chunks).
+    ``order`` is int32[n]: the epoch's permutation of the training rows; ``l2`` the row L2 weight
+    (ignored without ``row_l2``). The state is donated.
     """
-    if isinstance(optimizer, optim.RowSparse):
-        packed_step = make_packed_sparse_step(optimizer, y_range, dense_chunk)
+    body = make_epoch_body(optimizer, y_range, row_l2=row_l2, dense_chunk=dense_chunk)
 
-        def sparse_epoch(state, users, items, ratings, order):
-            xs = epoch_index(order, batch_size, ratings.dtype)
-            packed = optim.pack(optimizer, state.params, state.opt_state)
-            packed, losses = jax.lax.scan(
-                lambda packed, x: packed_step(packed, *_batch(users, items, ratings, *x)), packed, xs
-            )
-            params, opt_state = optim.unpack(optimizer, packed)
-            return TrainState(params, opt_state, state.step + xs[0].shape[0]), losses
-
-        return jax.jit(sparse_epoch, donate_argnums=(0,))
-
-    step = make_train_step(optimizer, y_range)
-
-    def epoch(state, users, items, ratings, order):
-        def body(state, x):
-            return step(state, *_batch(users, items, ratings, *x))
-
-        return jax.lax.scan(body, state, epoch_index(order, batch_size, ratings.dtype))
+    def epoch(state, l2, users, items, ratings, order):
+        return body(state, l2, epoch_index(order, batch_size, ratings.dtype), _reader(users, items, ratings))
 
     return jax.jit(epoch, donate_argnums=(0,))
+
+
+def make_members_epoch(tx: optax.GradientTransformation, y_range, batch_size: int) -> Callable:
+    """A jitted ``(state[K], l2 float32[K], users, items, ratings, orders int32[K, n]) ->
+    (state[K], float32[K, num_batches] losses)``: one epoch of K members, each with its own order
+    and row L2 weight, as a ``vmap`` of :func:`make_train_epoch`'s epoch. The state is donated."""
+    body = make_epoch_body(tx, y_range, row_l2=True)
+
+    def epoch(state, l2, users, items, ratings, order):
+        return body(state, l2, epoch_index(order, batch_size, ratings.dtype), _reader(users, items, ratings))
+
+    return jax.jit(jax.vmap(epoch, in_axes=(0, 0, None, None, None, 0)), donate_argnums=(0,))
 
 
 def shuffle_order(key: jax.Array, epoch: int, num_ratings: int, batch_size: int) -> np.ndarray:
@@ -211,12 +174,11 @@ def shuffle_order(key: jax.Array, epoch: int, num_ratings: int, batch_size: int)
     of ``batch_size`` as the notebook's shuffled DataLoader cuts it, with each batch's positions
     then put in ascending order. Which ratings share a batch is as random as the permutation; the
     order inside a batch changes only the rounding of the batch's sums. Training rows are stored by
-    user (``jaxcf.train.Setup.train_rows``), so each batch reads and writes the user table in ascending
-    row order: on CPU, twice as fast as random rows at large batches (``BENCHMARKS.md``).
+    user (:func:`rows_by_user`), so each batch reads and writes the user table in ascending row
+    order, which is faster on CPU at large batches (``BENCHMARKS.md``).
 
-    Drawn on the host: ``jax.random.permutation`` is a sort on XLA's CPU backend, 20x slower (21 s
-    against 1.2 s for 16M positions with NumPy's ``permutation``, 0.84 s with :func:`_permutation`;
-    ``bench/step_parts.py``).
+    Drawn on the host: ``jax.random.permutation`` is a sort on XLA's CPU backend, many times slower
+    (``bench/step_parts.py``).
     """
     seed = np.asarray(jax.random.key_data(jax.random.fold_in(key, epoch))).ravel()
     order = _permutation(np.random.default_rng(seed), num_ratings)
@@ -236,8 +198,7 @@ def _permutation(rng: np.random.Generator, n: int) -> np.ndarray:
     Each position goes to one of ``ceil(n / SHUFFLE_BUCKET)`` buckets uniformly at random, the
     buckets are laid end to end, and each is shuffled (Fisher-Yates) on its own. The result is
     uniform over all permutations (Sandelius 1962; Rao 1961), and each shuffle works inside the
-    cache instead of swapping across all of memory: 0.84 s against NumPy's ``permutation`` 1.23 s
-    for 16M positions on a 2-core CPU (``bench/step_parts.py``).
+    cache instead of swapping across all of memory (``bench/step_parts.py`` times it).
     """
     buckets = -(-n // SHUFFLE_BUCKET)
     if buckets <= 1:
@@ -256,8 +217,8 @@ def rows_by_user(users: np.ndarray, rows: np.ndarray) -> np.ndarray:
     keys = users[rows]
     if np.all(keys[1:] >= keys[:-1]):
         return rows
-    # A stable argsort as one sort of (user, position) pairs: NumPy's vectorised int64 sort, 4x
-    # faster than argsort(kind="stable") for 16M rows.
+    # A stable argsort as one sort of (user, position) pairs: NumPy's vectorised int64 sort, several
+    # times faster than argsort(kind="stable") for millions of rows.
     pairs = (keys.astype(np.int64) << 32) | np.arange(len(rows), dtype=np.int64)
     pairs.sort()
     return rows[pairs & 0xFFFFFFFF]

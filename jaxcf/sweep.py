@@ -5,26 +5,26 @@
 
 Each member is a full config (the base config with one grid point and one seed applied). Members
 that differ only in vmapped keys (``jaxcf.members.VMAPPED``: learning rate, weight decay, row L2,
-Adam's betas and eps, and the seed) train side by side in one program (``jaxcf.members``); a grid
-over any other key (``model.n_factors``, ``train.batch_size``, ...) compiles one program per value.
+Adam's betas and eps, and the seed) train side by side in one program (``jaxcf.members``, run by the
+one loop of ``jaxcf.trainer``); a grid over any other key (``model.n_factors``, ``train.batch_size``,
+...) compiles one program per value. A member that diverges is flagged and the others go on.
 Every member's data split comes from the *base* config's seed, so all see the same rows.
 ``--holdout F`` replaces the validation rows with a random fraction F of the training rows (the real
 validation rows are then not used at all), for choosing hyper-parameters without looking at the split
 one reports. The results JSON holds per member its grid point, seed, final and best valid RMSE/MAE,
 per grid point the mean and std over seeds, the best member and the ensemble of all members.
 
-What does not live here: the vmapped trainer (``jaxcf.members``), ensembles as models
-(``jaxcf.ensemble``).
+What does not live here: the vmapped family (``jaxcf.members``), the loop (``jaxcf.trainer``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import itertools
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,34 +34,12 @@ from typing import Any
 import numpy as np
 import yaml
 
-from jaxcf import evaluate
+from jaxcf import cli, evaluate, members, sgd, trainer
 from jaxcf.config import Config, ConfigError, apply_overrides, from_dict, load, read_yaml, resolve_path, to_dict
-from jaxcf.data import DataError, Dataset, Split
+from jaxcf.data import Dataset, holdout
 from jaxcf.data import load as load_dataset
-from jaxcf.fileio import atomic_write_text
-from jaxcf.members import Member, fit_members, static_part
-
-# ----------------------------------------------------------------------------------- splits
-
-
-def holdout_split(dataset: Dataset, fraction: float, seed: int) -> Dataset:
-    """The dataset with its validation rows replaced by a random ``fraction`` of its training rows.
-
-    The real validation rows are dropped entirely, so choices made on this split never see them.
-
-    Raises:
-      DataError: when the fraction leaves either part empty.
-    """
-    train_rows = dataset.split.train
-    size = int(len(train_rows) * fraction)
-    if not 0 < fraction < 1 or size < 1 or size >= len(train_rows):
-        raise DataError(f"--holdout {fraction}: must leave a non-empty part of the {len(train_rows)} training rows")
-    # A stream of its own (seed + 1000003), so the inner split is not the outer split's permutation.
-    permutation = np.random.RandomState(seed + 1_000_003).permutation(len(train_rows))
-    inner = np.sort(train_rows[permutation[size:]])
-    held = np.sort(train_rows[permutation[:size]])
-    return dataclasses.replace(dataset, split=Split(inner, held, name=f"{dataset.split.name}-holdout{fraction:g}"))
-
+from jaxcf.fileio import atomic_write_text, strict_json
+from jaxcf.members import Member, static_part
 
 # ----------------------------------------------------------------------------------- CLI
 
@@ -95,7 +73,7 @@ def make_members(base_raw: dict, overrides: Sequence[str], grid: dict[str, list]
       ConfigError: naming the grid point whose config is invalid.
     """
     base = from_dict(apply_overrides(base_raw, overrides))
-    members = []
+    out = []
     keys = list(grid)
     for values in itertools.product(*(grid[k] for k in keys)):
         point = dict(zip(keys, values))
@@ -106,8 +84,8 @@ def make_members(base_raw: dict, overrides: Sequence[str], grid: dict[str, list]
             except ConfigError as err:
                 raise ConfigError(f"grid point {point}: {err}") from None
             # Record the values as the config resolved them (YAML reads `1e-3` as text, the config a number).
-            members.append(Member(config, {key: _resolved(config, key) for key in keys}))
-    return members
+            out.append(Member(config, {key: _resolved(config, key) for key in keys}))
+    return out
 
 
 def _resolved(config: Config, dotted: str) -> Any:
@@ -118,7 +96,8 @@ def _resolved(config: Config, dotted: str) -> Any:
 
 
 def run_sweep(
-    base: Config, members: Sequence[Member], dataset_for: Callable[[Config], Dataset], *, quiet: bool = False, out=None
+    base: Config, member_list: Sequence[Member], dataset_for: Callable[[Config], Dataset], *, quiet: bool = False,
+    out=None,
 ) -> dict:
     """Trains every member (one program per static part) and summarises.
 
@@ -128,13 +107,13 @@ def run_sweep(
     """
     out = out if out is not None else sys.stdout
     groups: dict[str, list[int]] = {}
-    for index, member in enumerate(members):
+    for index, member in enumerate(member_list):
         groups.setdefault(static_part(member.config), []).append(index)
-    results: list[dict | None] = [None] * len(members)
+    results: list[dict | None] = [None] * len(member_list)
     programs = []
     all_predictions = []
     for group_number, indices in enumerate(groups.values()):
-        group = [members[i] for i in indices]
+        group = [member_list[i] for i in indices]
         dataset = dataset_for(group[0].config)
         start = time.perf_counter()
 
@@ -147,9 +126,19 @@ def run_sweep(
                     file=out, flush=True,
                 )
 
-        fitted = fit_members(group[0].config, dataset, group, on_epoch=show)
+        config = group[0].config
+        setup = sgd.make_setup(config, dataset)
+        family = members.family(setup, group, allow_diverged=True, method="sweep")
+        state, progress = trainer.train(family, config, family.init(),
+                                        on_epoch=lambda state, progress, record, show=show: show(record))
+        history = progress.history
+        diverged = np.asarray(progress.carry.get("diverged", [False] * len(group)), bool)
+        params = progress.best_params if progress.best_params is not None else state.params
+        valid = dataset.split.valid
+        predictions = evaluate.predict_pairs(params, dataset.ratings.users[valid], dataset.ratings.items[valid],
+                                             setup.y_range, chunk=config.train.eval_batch_size, per_member=True)
         seconds = time.perf_counter() - start
-        epoch_seconds = [r["seconds"] for r in fitted.history]
+        epoch_seconds = [r["seconds"] for r in history]
         programs.append({
             "members": len(group),
             "static": {k: v for k, v in json.loads(static_part(group[0].config)).items() if k != "data"},
@@ -158,25 +147,25 @@ def run_sweep(
             "num_valid": len(dataset.split.valid),
             "seconds": seconds,
             "epoch_seconds": epoch_seconds,
-            "ensemble_valid_rmse": fitted.history[-1]["valid_rmse"],
+            "ensemble_valid_rmse": history[-1]["valid_rmse"],
         })
-        all_predictions.append((dataset.split.name, fitted.predictions[~fitted.diverged]))
+        all_predictions.append((dataset.split.name, predictions[~diverged]))
         for k, i in enumerate(indices):
-            curve = [r["member_valid_rmse"][k] for r in fitted.history]
+            curve = [r["member_valid_rmse"][k] for r in history]
             best = int(np.nanargmin(curve)) if not np.all(np.isnan(curve)) else 0
             results[i] = {
                 "member": i,
                 "program": group_number,
-                "point": members[i].point,
-                "seed": members[i].config.seed,
-                "diverged": bool(fitted.diverged[k]),
+                "point": member_list[i].point,
+                "seed": member_list[i].config.seed,
+                "diverged": bool(diverged[k]),
                 "valid_rmse": curve[-1],
-                "valid_mae": fitted.history[-1]["member_valid_mae"][k],
+                "valid_mae": history[-1]["member_valid_mae"][k],
                 "best_valid_rmse": curve[best],
                 "best_epoch": best + 1,
                 "valid_rmse_by_epoch": curve,
             }
-    finite = [r for r in results if r is not None and math.isfinite(r["valid_rmse"])]
+    finite = [r for r in results if r is not None and r["valid_rmse"] is not None and math.isfinite(r["valid_rmse"])]
     summary: dict[str, Any] = {
         "config": to_dict(base),
         "members": results,
@@ -251,11 +240,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_out(path: Path) -> None:
+    """Refuses a results path that cannot be written, before any model is trained.
+
+    Raises:
+      ConfigError: a folder, or a folder that cannot be created or written.
+    """
+    if path.is_dir():
+        raise ConfigError(f"--out {path}: is a directory; give the path of a JSON file to write")
+    parent = path.parent
+    probe = parent if parent.exists() else next((p for p in parent.parents if p.exists()), Path("."))
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {path}: {probe} is not a writable folder; choose another path")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         if args.seeds < 1:
             raise ConfigError(f"--seeds must be >= 1; got {args.seeds}")
+        out_path = args.out or Path("runs") / f"sweep-{dt.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.json"
+        check_out(out_path)
         base_raw: Any = {}
         if args.config is not None:
             base_raw = read_yaml(resolve_path(args.config)) or {}
@@ -264,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = load(args.config, args.set)
         if base.ensemble.method != "seeds":
             raise ConfigError("the sweep trains SGD models; ensemble.method gibbs is trained by python -m jaxcf.train")
-        members = make_members(base_raw, args.set, parse_grid(args.grid), args.seeds)
+        member_list = make_members(base_raw, args.set, parse_grid(args.grid), args.seeds)
         cache: dict[str, Dataset] = {}
 
         def dataset_for(config: Config) -> Dataset:
@@ -272,20 +278,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             if key not in cache:
                 # Every member's split comes from the base seed: members differ in init and order only.
                 dataset = load_dataset(config.data, base.seed)
-                cache[key] = holdout_split(dataset, args.holdout, base.seed) if args.holdout is not None else dataset
+                cache[key] = holdout(dataset, args.holdout, base.seed) if args.holdout is not None else dataset
             return cache[key]
 
-        summary = run_sweep(base, members, dataset_for, quiet=args.quiet)
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    summary["command"] = " ".join(["python -m jaxcf.sweep", *(argv if argv is not None else sys.argv[1:])])
-    summary["holdout"] = args.holdout
-    out_path = args.out or Path("runs") / f"sweep-{dt.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.json"
-    atomic_write_text(out_path, json.dumps(summary, indent=2) + "\n")
-    print(format_summary(summary))
-    print(f"results in {out_path}")
-    return 0
+        summary = run_sweep(base, member_list, dataset_for, quiet=args.quiet)
+        summary["command"] = " ".join(["python -m jaxcf.sweep", *(argv if argv is not None else sys.argv[1:])])
+        summary["holdout"] = args.holdout
+        atomic_write_text(out_path, json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n")
+        print(format_summary(summary))
+        print(f"results in {out_path}")
+        return 0
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

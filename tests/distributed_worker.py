@@ -12,6 +12,8 @@ computes the single-device references in its own process and makes every compari
 ``OUT/full/``                      a CLI run on the whole bundled dataset under a 2x4 mesh
 ``OUT/resume/``                    a CLI run on SMALL_CSV: 1 epoch under 2x4 (tables padded to a
                                    multiple of 4 rows), resumed to 2 under 1x8 (a multiple of 8)
+``OUT/family-<name>/``             CLI runs of the other families under 2x4 on SMALL_CSV: a
+                                   4-member ensemble and a Gibbs sampler (FAMILY_CASES)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import jax
 import numpy as np
 
 from jaxcf import config as cfg
-from jaxcf import distributed, steps, train
+from jaxcf import distributed, rng, sgd, steps, train, trainer
 from jaxcf.data import load as load_dataset
 
 # Training rows used per epoch by the cases: 39 full batches of 64 and a partial one of 4.
@@ -49,11 +51,17 @@ CASES = {
     "3x2-bias-lazy_adam": _case(3, 2, "bias", "lazy_adam"),
 }
 COMMON = ["train.epochs=2", "model.n_factors=8"]
+# The other families through the CLI on a 2x4 mesh (SMALL_CSV: 22 users, 2,273 movies: both padded).
+FAMILY_CASES = {
+    "ensemble": ["ensemble.size=4", "train.epochs=2", "model.n_factors=8"],
+    "gibbs": ["model.kind=dot", "ensemble.method=gibbs", "ensemble.size=4", "ensemble.chains=2",
+              "ensemble.burn_in=2", "train.epochs=6", "model.n_factors=4"],
+}
 
 
 def subset_orders(config: cfg.Config, num_train: int):
     """The seeded shuffle of each epoch, cut to its first SUBSET positions (as the test's reference)."""
-    key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    key = rng.stream(config.seed, "order")
     return lambda epoch: steps.shuffle_order(key, epoch, num_train, config.train.batch_size)[:SUBSET]
 
 
@@ -67,12 +75,11 @@ def compiled_memory(setup, layout, state, orders, logical) -> dict:
     """The compiled epoch's per-device memory: a program that gathered a whole table onto one
     device would need at least that table's bytes of temporaries."""
     ratings, rows = setup.dataset.ratings, setup.train_rows
-    epoch = layout.make_train_epoch(
-        setup.optimizer, setup.y_range, setup.config.train.batch_size,
-        make_step=steps.make_train_step, make_packed_step=steps.make_packed_sparse_step,
-    )
+    body = steps.make_epoch_body(setup.optimizer, setup.y_range)
+    epoch = distributed.ShardedEpoch(layout, body, setup.config.train.batch_size)
     batches = epoch.batches(ratings.users[rows], ratings.items[rows], ratings.ratings[rows], orders(0))
-    memory = epoch.jitted(state).lower(state, batches).compile().memory_analysis()
+    l2 = jax.numpy.float32(0)
+    memory = epoch.jitted(state).lower(state, l2, batches).compile().memory_analysis()
     return {
         "temp_bytes": memory.temp_size_in_bytes,
         "argument_bytes": memory.argument_size_in_bytes,
@@ -86,11 +93,12 @@ def compiled_memory(setup, layout, state, orders, logical) -> dict:
 
 def run_case(name: str, overrides: list[str], dataset, out: Path) -> dict:
     config = cfg.load("bias.yaml", [*COMMON, *overrides])
-    setup = train.make_setup(config, dataset)
+    setup = sgd.make_setup(config, dataset)
     orders = subset_orders(config, len(setup.train_rows))
-    state, progress = train.fit(setup, orders=orders)
     layout = distributed.make_layout(config)
-    logical = jax.eval_shape(lambda: train.init_state(setup))
+    family = sgd.family(setup, layout, orders)
+    state, progress = trainer.train(family, config, layout.init(family.init, family.row_axes))
+    logical = jax.eval_shape(lambda: sgd.init_state(setup))
     np.savez(out / f"{name}.npz", **distributed.to_host(state, logical).params)
 
     leaves = jax.tree_util.tree_leaves_with_path(state)
@@ -134,6 +142,12 @@ def main(argv: list[str]) -> int:
     small_set = [f"data.path={small_csv}", "model.n_factors=8"]
     assert train.main([*small, *base, *small_set, "train.epochs=1", "mesh.data=2", "mesh.model=4"]) == 0
     assert train.main([*small, "--resume", *base, *small_set, "train.epochs=2", "mesh.data=1", "mesh.model=8"]) == 0
+
+    for name, overrides in FAMILY_CASES.items():
+        start = time.perf_counter()
+        workdir = ["--config", "bias.yaml", "--workdir", str(out / f"family-{name}")]
+        assert train.main([*workdir, *base, f"data.path={small_csv}", *overrides, "mesh.data=2", "mesh.model=4"]) == 0
+        print(f"family {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 
 

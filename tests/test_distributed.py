@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxcf import checkpoint, distributed, train
+from jaxcf import checkpoint, distributed, processes, sgd, train, trainer
 from jaxcf import config as cfg
 from jaxcf.data import load as load_dataset
 
@@ -47,6 +47,11 @@ ATOL_SMALL = 1e-5
 ATOL_FULL = 1e-4
 # Metrics average over thousands of ratings: measured <= 1.5e-8 (train_loss), <= 6e-10 (valid RMSE).
 METRIC_ATOL = 1e-6
+# The other families on 2x4 (FAMILY_CASES). The ensemble is 4 SGD models: as ATOL_SMALL. The Gibbs
+# sampler sums its hyper-parameter statistics over sharded rows in another order; each sweep then
+# draws from a distribution whose parameters moved by float32 rounding, and 6 sweeps carry it on.
+FAMILY_ATOL = {"ensemble": ATOL_SMALL, "gibbs": 1e-3}
+FAMILY_METRIC_ATOL = {"ensemble": METRIC_ATOL, "gibbs": 1e-4}
 
 
 def _env(devices: int, **extra: str) -> dict:
@@ -130,12 +135,17 @@ def test_one_device_never_takes_the_mesh_path(monkeypatch, bundled):
     def refuse(*args, **kwargs):
         raise AssertionError("the single-device run reached jaxcf.distributed.Layout")
 
-    for name in ("init", "place", "make_train_epoch", "make_predict", "sync"):
+    for name in ("init", "place", "replicate", "make_predict", "fetch", "sync"):
         monkeypatch.setattr(distributed.Layout, name, refuse)
+    monkeypatch.setattr(distributed, "ShardedEpoch", refuse)
     config = cfg.load("bias.yaml", ["train.epochs=1", "model.n_factors=4"])
     assert distributed.make_layout(config) is None
-    setup = train.make_setup(config, bundled)
-    state, progress = train.fit(setup, orders=lambda epoch: np.arange(256, dtype=np.int32))
+    trained = trainer.fit(config, bundled, orders=lambda epoch: np.arange(256, dtype=np.int32))
+    assert [r["epoch"] for r in trained.history] == [1]
+    assert trained.params["user_embedding"].shape == (bundled.ratings.num_users, 4)
+    setup = sgd.make_setup(config, bundled)
+    family = sgd.family(setup, None, orders=lambda epoch: np.arange(256, dtype=np.int32))
+    state, progress = trainer.train(family, config, family.init())
     assert progress.epoch == 1 and state.params["user_embedding"].shape == (bundled.ratings.num_users, 4)
 
 
@@ -148,24 +158,24 @@ def test_a_mesh_larger_than_the_devices_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_distributed_settings_come_from_the_config_or_the_environment(monkeypatch):
-    for variable in distributed.ENVIRONMENT.values():
+    for variable in processes.ENVIRONMENT.values():
         monkeypatch.delenv(variable, raising=False)
-    assert distributed.num_processes(cfg.DistributedConfig()) == 1
-    assert distributed.initialize(cfg.DistributedConfig()) is False  # one process: JAX untouched
+    assert processes.num_processes(cfg.DistributedConfig()) == 1
+    assert processes.initialize(cfg.DistributedConfig()) is False  # one process: JAX untouched
     monkeypatch.setenv("JAXCF_NUM_PROCESSES", "4")
     monkeypatch.setenv("JAXCF_PROCESS_ID", "3")
     monkeypatch.setenv("JAXCF_COORDINATOR", "10.0.0.1:1234")
-    resolved = distributed.resolve(cfg.DistributedConfig(process_id=1))
+    resolved = processes.resolve(cfg.DistributedConfig(process_id=1))
     assert resolved == cfg.DistributedConfig("10.0.0.1:1234", 4, 1)  # the config wins over the environment
     for bad in ("two", "0"):
         monkeypatch.setenv("JAXCF_NUM_PROCESSES", bad)
         with pytest.raises(cfg.ConfigError, match=rf"JAXCF_NUM_PROCESSES='{bad}': expected an integer >= 1"):
-            distributed.resolve(cfg.DistributedConfig())
+            processes.resolve(cfg.DistributedConfig())
     monkeypatch.delenv("JAXCF_COORDINATOR")
     with pytest.raises(cfg.ConfigError, match="set distributed.coordinator_address"):
-        distributed.initialize(cfg.DistributedConfig(num_processes=2, process_id=0))
+        processes.initialize(cfg.DistributedConfig(num_processes=2, process_id=0))
     with pytest.raises(cfg.ConfigError, match=r"must be 0\.\.1 for 2 processes; got 2"):
-        distributed.initialize(cfg.DistributedConfig("127.0.0.1:1", 2, 2))
+        processes.initialize(cfg.DistributedConfig("127.0.0.1:1", 2, 2))
 
 
 # After the refused restore, orbax's abandoned read coroutines may be collected once their event
@@ -202,8 +212,9 @@ def test_sharded_training_matches_one_device(name, cases, worker, bundled):
     case = cases[name]
     single_overrides = [o for o in case["overrides"] if not o.startswith("mesh.")]
     config = cfg.load("bias.yaml", single_overrides)
-    setup = train.make_setup(config, bundled)
-    state, progress = train.fit(setup, orders=worker_cases.subset_orders(config, len(setup.train_rows)))
+    setup = sgd.make_setup(config, bundled)
+    family = sgd.family(setup, None, orders=worker_cases.subset_orders(config, len(setup.train_rows)))
+    state, progress = trainer.train(family, config, family.init())
     with np.load(worker / f"{name}.npz", allow_pickle=False) as saved:
         sharded = dict(saved)
     # Same (unpadded) shapes: the padding rows never reach the caller.
@@ -278,6 +289,21 @@ def test_a_checkpoint_resumes_under_other_meshes_and_on_one_device(worker, small
     assert _cli(tmp_path / "single", *common, "train.epochs=3") == 0
     _assert_metrics_close(_metrics(run), _metrics(tmp_path / "single"))
     _assert_params_close(_weights(run), _weights(tmp_path / "single"), ATOL_SMALL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(worker_cases.FAMILY_CASES))
+def test_every_family_trains_on_the_mesh_as_on_one_device(name, worker, small_csv, tmp_path):
+    """A 4-member ensemble and the Gibbs sampler on 2x4 (both tables padded) against one device."""
+    overrides = [f"data.path={small_csv}", *worker_cases.FAMILY_CASES[name]]
+    assert _cli(tmp_path / "single", *overrides) == 0
+    sharded, single = worker / f"family-{name}", tmp_path / "single"
+    got, want = _metrics(sharded), _metrics(single)
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
+    for g, w in zip(got, want):
+        for key in ("valid_rmse", "valid_mae"):
+            assert g[key] == pytest.approx(w[key], abs=FAMILY_METRIC_ATOL[name]), f"epoch {w['epoch']} {key}"
+    _assert_params_close(_weights(sharded), _weights(single), FAMILY_ATOL[name])
 
 
 # ------------------------------------------------------------------------------- two processes

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcf import ensemble, export, gibbs, models, train
+from jaxcf import catalogue, evaluate, export, gibbs, models, train
 
 
 def write_low_rank_csv(path, num_users=50, num_items=30, seed=0):
@@ -47,7 +47,7 @@ def seeds_run(small_csv, tmp_path_factory):
 
 
 def test_seeds_ensemble_exports_stacked_members_and_reports_their_mean(seeds_run, small_csv):
-    loaded = ensemble.read_ensemble(seeds_run)
+    loaded = export.read(seeds_run)
     info = loaded.metadata["model"]
     assert info["ensemble_size"] == 3 and info["ensemble_method"] == "seeds" and info["kind"] == "bias"
     assert loaded.weights["user_embedding"].shape == (3, len(loaded.user_ids), 3)
@@ -80,13 +80,6 @@ def test_seeds_ensemble_exports_stacked_members_and_reports_their_mean(seeds_run
     assert final["valid_rmse"] == pytest.approx(rmse, rel=1e-5)
 
 
-def test_the_single_model_reader_refuses_an_ensemble_and_read_any_picks_the_right_one(seeds_run, tmp_path):
-    with pytest.raises(export.ModelError):
-        export.read_export(seeds_run)
-    assert ensemble.is_ensemble(seeds_run)
-    assert ensemble.read_any(seeds_run).weights["user_embedding"].ndim == 3
-
-
 def test_an_ensemble_size_that_does_not_fit_the_tables_is_refused(seeds_run, tmp_path):
     import shutil
 
@@ -95,14 +88,8 @@ def test_an_ensemble_size_that_does_not_fit_the_tables_is_refused(seeds_run, tmp
     metadata = json.loads((copy / "metadata.json").read_text())
     metadata["model"]["ensemble_size"] = 4
     (copy / "metadata.json").write_text(json.dumps(metadata))
-    with pytest.raises(export.ModelError, match=r"expected \(4, "):
-        ensemble.read_ensemble(copy)
-
-
-def test_resume_is_refused_for_an_ensemble(seeds_run, small_csv, capsys):
-    code = _train(seeds_run, "bias.yaml", f"data.path={small_csv}", "ensemble.size=3", resume=True)
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "write no checkpoints" in err and "\n" not in err
+    with pytest.raises(export.ModelError, match="ensemble_size 4 but the weights' header says 3"):
+        export.read(copy)
 
 
 def test_early_stopping_exports_the_ensembles_best_epoch(small_csv, tmp_path):
@@ -117,7 +104,7 @@ def test_early_stopping_exports_the_ensembles_best_epoch(small_csv, tmp_path):
     assert len(epochs) < 40 and len(epochs) == best["epoch"] + 2
     assert final["epoch"] == best["epoch"]
     assert final["valid_rmse"] == pytest.approx(best["valid_rmse"], rel=1e-5)
-    assert ensemble.read_ensemble(workdir).metadata["model"]["epoch"] == best["epoch"]
+    assert export.read(workdir).metadata["model"]["epoch"] == best["epoch"]
 
 
 def test_gibbs_ensemble_learns_a_low_rank_table(small_csv, tmp_path):
@@ -128,7 +115,7 @@ def test_gibbs_ensemble_learns_a_low_rank_table(small_csv, tmp_path):
     # The ratings' standard deviation is about 0.8 (a constant prediction's RMSE); rank 2 plus noise
     # of 0.3 is learnable: BPMF gets about 0.35 here, plain SGD MF about 0.41.
     assert final["valid_rmse"] < 0.45
-    loaded = ensemble.read_ensemble(workdir)
+    loaded = export.read(workdir)
     assert loaded.metadata["model"]["ensemble_size"] == 4 and loaded.metadata["model"]["kind"] == "dot"
     users, items = loaded.weights["user_embedding"], loaded.weights["item_embedding"]
     assert users.shape[::2] == (4, 4) and items.shape[::2] == (4, 4)  # F = 3 plus the folded-in mean
@@ -173,7 +160,7 @@ def test_kept_sweeps_are_evenly_spaced_and_end_with_the_last():
 def test_member_summary_cosine_is_the_mean_of_member_cosines():
     rng = np.random.default_rng(1)
     table = rng.normal(size=(3, 5, 4)).astype(np.float32)
-    summary = ensemble.member_summary({"item_embedding": table})["item_embedding"]
+    summary = catalogue.member_summary({"item_embedding": table})["item_embedding"]
     unit = summary / np.linalg.norm(summary, axis=1, keepdims=True)
     per_member = [
         (t[0] @ t[2]) / (np.linalg.norm(t[0]) * np.linalg.norm(t[2])) for t in table
@@ -188,27 +175,28 @@ def test_score_pairs_of_one_member_is_the_model_itself():
     users, items = jnp.array([0, 3, 2]), jnp.array([1, 1, 0])
     single = models.score_rows(models.gather_rows({k: jnp.asarray(v, jnp.float32) for k, v in params.items()},
                                                   users, items), None)
-    np.testing.assert_allclose(np.asarray(ensemble.score_pairs(stacked, users, items, None)), np.asarray(single),
+    np.testing.assert_allclose(np.asarray(models.score_pairs(stacked, users, items, None)), np.asarray(single),
                                rtol=1e-6)
 
 
 def test_load_model_predicts_and_recommends_with_the_ensemble(seeds_run, capsys):
     from jaxcf import recommend
+    from jaxcf.inference import load_model
 
-    model = recommend.load_model(seeds_run)
-    loaded = ensemble.read_ensemble(seeds_run)
+    model = load_model(seeds_run)
+    loaded = export.read(seeds_run)
     y_range = tuple(loaded.metadata["model"]["y_range"])
     assert model.ensemble_size == 3
     raw_users, raw_items = loaded.user_ids[[0, 1, 2, 2]], loaded.item_ids[[0, 3, 1, 2]]
     predictions = model.predict(raw_users, raw_items)
     users, _ = model.lookup_users(raw_users)
     items, _ = model.lookup_items(raw_items)
-    np.testing.assert_allclose(predictions.ratings, ensemble.predict_pairs(loaded.weights, y_range, users, items),
+    np.testing.assert_allclose(predictions.ratings, evaluate.predict_pairs(loaded.weights, users, items, y_range),
                                rtol=1e-6)
     # The top item is the unseen item with the highest mean prediction over the members.
     ranking = model.recommend(raw_users[0], k=3)
     unseen = np.setdiff1d(np.arange(len(loaded.item_ids)), model.seen(int(users[0])))
-    scores = ensemble.predict_pairs(loaded.weights, y_range, np.full(len(unseen), users[0]), unseen)
+    scores = evaluate.predict_pairs(loaded.weights, np.full(len(unseen), users[0]), unseen, y_range)
     assert ranking.ids[0] == loaded.item_ids[unseen[np.argmax(scores)]]
     np.testing.assert_allclose(ranking.scores[0], scores.max(), rtol=1e-5)
     assert recommend.main(["--model", str(seeds_run), "--user", str(raw_users[0]), "--k", "2"]) == 0
@@ -220,9 +208,9 @@ def test_dense_and_chunked_normal_equations_agree(monkeypatch):
     # Repeated (row, other) pairs must count as often as they occur in both forms.
     own, other, targets = rng.integers(0, 7, 60), rng.integers(0, 5, 60), rng.normal(size=60)
     factors = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
-    dense = gibbs._side(own, other, targets, 7, 5)
+    dense = gibbs.make_side(own, other, targets, 7, 5)
     monkeypatch.setattr(gibbs, "DENSE_CELLS", 0)
-    chunked = gibbs._side(own, other, targets, 7, 5)
+    chunked = gibbs.make_side(own, other, targets, 7, 5)
     assert dense.counts is not None and chunked.counts is None and float(dense.counts.max()) > 1
     for a, b in zip(gibbs.normal_equations(factors, dense, 7), gibbs.normal_equations(factors, chunked, 7)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from jaxcf import config as cfg
-from jaxcf import optim, steps
+from jaxcf import optim, sparse, steps
 from jaxcf.models import USER_TABLES
 
 LR, B1, B2, EPS, WD = 1e-2, 0.9, 0.999, 1e-8, 0.1  # a large decay, so that decay bugs show
@@ -78,7 +78,7 @@ MODES = {"row-wise": 0.0, "dense": float("inf")}
 def test_row_sparse_update_matches_numpy_with_repeated_ids_and_padding(name, mode):
     params = _tables(0, num_users=6, num_items=5)  # user 5 and item 4 never appear
     initial = {k: v.copy() for k, v in params.items()}
-    optimizer = optim.build(_config(name))._replace(dense_rows_per_id=MODES[mode])
+    optimizer = optim.build(_config(name), 100)._replace(dense_rows_per_id=MODES[mode])
     reference = NumpyLazy(name, params)
     state = optimizer.init(params)
     params = {k: jnp.asarray(v) for k, v in params.items()}
@@ -107,7 +107,7 @@ def test_row_sparse_update_matches_numpy_with_repeated_ids_and_padding(name, mod
 @pytest.mark.parametrize("mode", MODES)
 def test_padding_never_touches_a_row(mode):
     params = {k: jnp.asarray(v) for k, v in _tables(2).items()}
-    optimizer = optim.build(_config("lazy_adam"))._replace(dense_rows_per_id=MODES[mode])
+    optimizer = optim.build(_config("lazy_adam"), 100)._replace(dense_rows_per_id=MODES[mode])
     state = optimizer.init(params)
     grads = {k: jnp.zeros((3, v.shape[1])) for k, v in params.items()}
     users, items = jnp.array([-1, -1, -1], jnp.int32), jnp.array([-1, -1, -1], jnp.int32)
@@ -122,7 +122,7 @@ def test_owners_pick_exactly_one_position_per_distinct_id():
     scratch = jnp.asarray(rng.integers(-5, 50, 6), jnp.int32)  # stale contents must not matter
     for _ in range(5):
         ids = rng.integers(-1, 6, size=40).astype(np.int32)
-        owner, is_owner, scratch = jax.jit(optim.owners)(jnp.asarray(ids), scratch)
+        owner, is_owner, scratch = jax.jit(sparse.owners)(jnp.asarray(ids), scratch)
         owner, is_owner = np.asarray(owner), np.asarray(is_owner)
         real = ids >= 0
         np.testing.assert_array_equal(ids[owner][real], ids[real])  # each position's owner holds its id
@@ -159,7 +159,7 @@ def test_epoch_matches_numpy_including_the_padded_last_batch(name, mode):
     items = rng.integers(0, 4, n).astype(np.int32)
     ratings = (rng.integers(1, 11, n) / 2).astype(np.float32)
     params = {k: v * 0.3 for k, v in _tables(5).items()}
-    optimizer = optim.build(_config(name))._replace(dense_rows_per_id=MODES[mode])
+    optimizer = optim.build(_config(name), 100)._replace(dense_rows_per_id=MODES[mode])
     reference = NumpyLazy(name, params)
 
     state = steps.TrainState(
@@ -168,7 +168,8 @@ def test_epoch_matches_numpy_including_the_padded_last_batch(name, mode):
     epoch = steps.make_train_epoch(optimizer, y_range, batch_size)
     for e in range(2):
         order = rng.permutation(n).astype(np.int32)
-        state, losses = epoch(state, jnp.asarray(users), jnp.asarray(items), jnp.asarray(ratings), jnp.asarray(order))
+        state, losses = epoch(state, 0.0, jnp.asarray(users), jnp.asarray(items), jnp.asarray(ratings),
+                              jnp.asarray(order))
         assert losses.shape == (3,)
         for start in range(0, n, batch_size):
             index = order[start : start + batch_size]
@@ -190,21 +191,21 @@ def test_packed_epoch_equals_repeated_steps():
     items = jnp.asarray(rng.integers(0, 4, n), jnp.int32)
     ratings = jnp.asarray(rng.integers(1, 11, n) / 2, jnp.float32)
     order = jnp.asarray(rng.permutation(n), jnp.int32)
-    optimizer = optim.build(_config("lazy_adam"))
+    optimizer = optim.build(_config("lazy_adam"), 100)
     params = {k: jnp.asarray(v * 0.3) for k, v in _tables(7).items()}
 
     def fresh():  # the epoch donates its state: every run gets its own copies
         copies = {k: jnp.array(v) for k, v in params.items()}
         return steps.TrainState(copies, optimizer.init(copies), jnp.zeros((), jnp.int32))
 
-    by_epoch, losses = steps.make_train_epoch(optimizer, y_range, batch_size)(fresh(), users, items, ratings, order)
-    step = jax.jit(steps.make_train_step(optimizer, y_range))
+    epoch = steps.make_train_epoch(optimizer, y_range, batch_size)
+    by_epoch, losses = epoch(fresh(), 0.0, users, items, ratings, order)
+    # One batch per call: each call packs and unpacks the tables around its single step.
     by_step = fresh()
-    xs = steps.epoch_batches(users, items, ratings, order, batch_size)
     step_losses = []
-    for batch in zip(*xs):
-        by_step, loss = step(by_step, *batch)
-        step_losses.append(loss)
+    for start in range(0, n, batch_size):
+        by_step, loss = epoch(by_step, 0.0, users, items, ratings, order[start : start + batch_size])
+        step_losses.append(loss[0])
     np.testing.assert_allclose(losses, step_losses, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(by_epoch), jax.tree.leaves(by_step)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -221,10 +222,10 @@ def test_row_wise_and_dense_steps_agree_on_a_larger_problem():
     params = _tables(11, num_users=num_users, num_items=num_items, factors=8)
     results = []
     for ratio in MODES.values():
-        optimizer = optim.build(_config("lazy_adam"))._replace(dense_rows_per_id=ratio)
+        optimizer = optim.build(_config("lazy_adam"), 100)._replace(dense_rows_per_id=ratio)
         copies = {k: jnp.asarray(v * 0.1) for k, v in params.items()}
         state = steps.TrainState(copies, optimizer.init(copies), jnp.zeros((), jnp.int32))
-        state, _ = steps.make_train_epoch(optimizer, (0.5, 5.0), batch_size)(state, users, items, ratings, order)
+        state, _ = steps.make_train_epoch(optimizer, (0.5, 5.0), batch_size)(state, 0.0, users, items, ratings, order)
         results.append(state)
     # Same operations on the same values in the same order on CPU; other backends may reorder the sums.
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
@@ -233,23 +234,23 @@ def test_row_wise_and_dense_steps_agree_on_a_larger_problem():
 
 def test_dot_model_tables_pack_without_biases():
     params = {k: jnp.asarray(v) for k, v in _tables(8).items() if not k.endswith("bias")}
-    optimizer = optim.build(_config("lazy_adam"))
-    packed = optim.pack(optimizer, params, optimizer.init(params))
+    optimizer = optim.build(_config("lazy_adam"), 100)
+    packed = sparse.pack(optimizer, params, optimizer.init(params))
     assert packed.names == ("user_embedding", "item_embedding") and packed.widths == (3, 3)
-    back, state = optim.unpack(optimizer, packed)
+    back, state = sparse.unpack(optimizer, packed)
     assert set(back) == set(params) and set(state) == set(params)
     for name in params:
         np.testing.assert_array_equal(back[name], params[name])
 
 
 def test_build_names_every_choice_and_rejects_others():
-    assert isinstance(optim.build(_config("lazy_adam")), optim.RowSparse)
-    assert isinstance(optim.build(_config("sgd")), optim.RowSparse)
+    assert isinstance(optim.build(_config("lazy_adam"), 100), sparse.RowSparse)
+    assert isinstance(optim.build(_config("sgd"), 100), sparse.RowSparse)
     for name in ("adam", "adamw"):
-        tx = optim.build(_config(name))
-        assert hasattr(tx, "init") and hasattr(tx, "update") and not isinstance(tx, optim.RowSparse)
+        tx = optim.build(_config(name), 100)
+        assert hasattr(tx, "init") and hasattr(tx, "update") and not isinstance(tx, sparse.RowSparse)
     with pytest.raises(ValueError, match="allowed: adam, adamw, lazy_adam, sgd"):
-        optim.build(_config("lazyadam"))
+        optim.build(_config("lazyadam"), 100)
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
@@ -257,7 +258,7 @@ def test_dense_optimizers_match_torch_formulas(name):
     # adam: coupled L2 (torch.optim.Adam); adamw: decoupled (torch.optim.AdamW); written out in NumPy.
     rng = np.random.default_rng(9)
     p = rng.normal(size=(4, 3))
-    tx = optim.build(_config(name))
+    tx = optim.build(_config(name), 100)
     params = {"w": jnp.asarray(p, jnp.float32)}
     state = tx.init(params)
     m = np.zeros_like(p)
@@ -287,10 +288,10 @@ def test_chunked_dense_step_is_the_same_step(name):
     ratings = jnp.asarray(rng.integers(1, 11, batch) / 2, jnp.float32)
     weights = jnp.asarray(np.arange(batch) < 450, jnp.float32)  # a padded last batch: 62 padding entries
     params = {k: jnp.asarray(v * 0.3) for k, v in _tables(13, num_users=num_users, num_items=num_items).items()}
-    optimizer = optim.build(_config(name))._replace(dense_rows_per_id=float("inf"))
-    packed = optim.pack(optimizer, params, optimizer.init(params))
-    whole = jax.jit(steps.make_packed_sparse_step(optimizer, (0.5, 5.0), chunk_size=0))
-    chunked = jax.jit(steps.make_packed_sparse_step(optimizer, (0.5, 5.0), chunk_size=64))
+    optimizer = optim.build(_config(name), 100)._replace(dense_rows_per_id=float("inf"))
+    packed = sparse.pack(optimizer, params, optimizer.init(params))
+    whole = jax.jit(sparse.make_packed_step(optimizer, (0.5, 5.0), chunk_size=0))
+    chunked = jax.jit(sparse.make_packed_step(optimizer, (0.5, 5.0), chunk_size=64))
     assert "while" in chunked.lower(packed, users, items, ratings, weights).as_text()  # it does loop over chunks
     (a, loss_a), (b, loss_b) = (f(packed, users, items, ratings, weights) for f in (whole, chunked))
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)  # the loss is summed per chunk: rounding only
@@ -300,5 +301,5 @@ def test_chunked_dense_step_is_the_same_step(name):
     reference = NumpyLazy(name, params)
     u, i = np.asarray(users)[:450], np.asarray(items)[:450]
     reference.step(_numpy_row_grads(reference.params, u, i, np.asarray(ratings)[:450], np.ones(450), (0.5, 5.0)), u, i)
-    new_params, new_state = optim.unpack(optimizer, b)
+    new_params, new_state = sparse.unpack(optimizer, b)
     _assert_matches(reference, new_params, new_state, rtol=2e-5, atol=1e-6)

@@ -38,9 +38,11 @@ import torch.nn as nn
 
 from jaxcf import config as jconfig
 from jaxcf import evaluate as jevaluate
+from jaxcf import export as jexport
 from jaxcf import models as jmodels
+from jaxcf import sgd as jsgd
 from jaxcf import steps as jsteps
-from jaxcf import train as jtrain
+from jaxcf import trainer as jtrainer
 from reference_torch import notebook as nb
 from reference_torch import weights as W
 from reference_torch.train import build_model, build_optimizer
@@ -116,16 +118,16 @@ def notebook_data() -> NotebookData:
     return NotebookData(df, users, movies, nb.split_mask(len(df), seed=42))
 
 
-def jax_setup(bundled, case) -> jtrain.Setup:
+def jax_setup(bundled, case) -> jsgd.Setup:
     name, overrides = CASES[case]
     config = jconfig.load(name, overrides)
     # The torch side hard-codes PyTorch's Adam constants; a config that changed them would compare apples and pears.
     assert (config.optim.b1, config.optim.b2, config.optim.eps) == (0.9, 0.999, 1e-8), config.optim
     assert config.train.batch_size == BATCH_SIZE
-    return jtrain.make_setup(config, bundled)
+    return jsgd.make_setup(config, bundled)
 
 
-def torch_model(data: NotebookData, setup: jtrain.Setup, seed: int = SEED) -> nn.Module:
+def torch_model(data: NotebookData, setup: jsgd.Setup, seed: int = SEED) -> nn.Module:
     low, high = data.y_range
     return build_model(
         setup.config.model.kind, len(data.users), len(data.movies), setup.config.model.n_factors,
@@ -133,12 +135,19 @@ def torch_model(data: NotebookData, setup: jtrain.Setup, seed: int = SEED) -> nn
     )
 
 
-def torch_optimizer(model: nn.Module, setup: jtrain.Setup) -> torch.optim.Optimizer:
+def torch_optimizer(model: nn.Module, setup: jsgd.Setup) -> torch.optim.Optimizer:
     optim = setup.config.optim
     return build_optimizer(optim.name, model.parameters(), optim.learning_rate, optim.weight_decay)
 
 
-def jax_predict(setup: jtrain.Setup, params, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+def export_state(setup: jsgd.Setup, state, workdir) -> None:
+    """jaxcf's real export (WORKDIR/model) of a state's parameters."""
+    params = {k: np.asarray(v) for k, v in state.params.items()}
+    trained = jtrainer.Trained(params, jsgd.model_info(setup), [], setup.config, setup.dataset)
+    jexport.write(workdir, **jtrainer.export_arguments(trained))
+
+
+def jax_predict(setup: jsgd.Setup, params, users: np.ndarray, items: np.ndarray) -> np.ndarray:
     """jaxcf's Flax module applied to (users, items): float32[n]."""
     params = {k: jnp.asarray(v) for k, v in params.items()}
     return np.asarray(jmodels.predict(setup.model, params, jnp.asarray(users), jnp.asarray(items)))
@@ -148,7 +157,7 @@ def jax_predict(setup: jtrain.Setup, params, users: np.ndarray, items: np.ndarra
 class Twins:
     """Both implementations trained from the same weights on the same batches."""
 
-    setup: jtrain.Setup
+    setup: jsgd.Setup
     init: dict  # numpy tables under jaxcf names, drawn by torch
     torch_epochs: list  # per epoch: (tables, validation predictions float32[n_valid], fit() row)
     jax_epochs: list  # per epoch: (tables, jaxcf metrics record)
@@ -180,7 +189,8 @@ def train_twins(bundled, data: NotebookData, case, epochs: int) -> Twins:
     setup = dataclasses.replace(setup, config=dataclasses.replace(
         setup.config, train=dataclasses.replace(setup.config.train, epochs=epochs)
     ))
-    jtrain.fit(setup, jtrain.init_state(setup, params=init), orders=orders, on_epoch=on_epoch)
+    family = jsgd.family(setup, orders=orders)
+    jtrainer.train(family, setup.config, jsgd.init_state(setup, params=init), on_epoch=on_epoch)
     return Twins(setup, init, torch_epochs, jax_epochs, model, valid_dl)
 
 
@@ -220,7 +230,7 @@ def test_a_weights_torch_to_jaxcf(bundled, notebook_data, kind):
     arrays = W.to_jaxcf_arrays(torch_model(notebook_data, setup))
     own = jmodels.init_params(setup.model, jax.random.key(0))
     assert {k: v.shape for k, v in arrays.items()} == {k: v.shape for k, v in own.items()}
-    state = jtrain.init_state(setup, params=arrays)
+    state = jsgd.init_state(setup, params=arrays)
     for name, table in arrays.items():
         assert state.params[name].dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(state.params[name]), table, err_msg=name)
@@ -230,8 +240,8 @@ def test_a_weights_torch_to_jaxcf(bundled, notebook_data, kind):
 def test_a_weights_jaxcf_to_torch(bundled, notebook_data, kind, tmp_path):
     """Exact, through jaxcf's real export (WORKDIR/model/weights.safetensors) and the port's loader."""
     setup = jax_setup(bundled, (kind, "adamw"))
-    state = jtrain.init_state(setup)  # jaxcf's own seeded init
-    jtrain.export_run(setup, state, jtrain.Progress(), tmp_path)
+    state = jsgd.init_state(setup)  # jaxcf's own seeded init
+    export_state(setup, state, tmp_path)
     path = tmp_path / "model" / "weights.safetensors"
     with safetensors.safe_open(str(path), framework="numpy") as handle:
         names = set(handle.keys())
@@ -250,7 +260,7 @@ def test_a_weights_jaxcf_to_torch(bundled, notebook_data, kind, tmp_path):
 
 def test_a_weights_of_the_other_model_are_refused(bundled, notebook_data, tmp_path):
     setup = jax_setup(bundled, ("bias", "adamw"))
-    jtrain.export_run(setup, jtrain.init_state(setup), jtrain.Progress(), tmp_path)
+    export_state(setup, jsgd.init_state(setup), tmp_path)
     dot = torch_model(notebook_data, jax_setup(bundled, ("dot", "adamw")))
     with pytest.raises(W.WeightsError, match="item_bias, user_bias"):
         W.load_jaxcf_weights(dot, tmp_path / "model" / "weights.safetensors")
@@ -292,7 +302,7 @@ def torch_grads(model: nn.Module, rows: np.ndarray) -> dict:
     return {W.TORCH_TO_JAXCF[k]: p.grad.numpy().copy() for k, p in model.named_parameters()}
 
 
-def jax_grads(setup: jtrain.Setup, tables: dict, rows: np.ndarray) -> dict:
+def jax_grads(setup: jsgd.Setup, tables: dict, rows: np.ndarray) -> dict:
     """jaxcf's training loss (weighted MSE; a short batch is padded to 64 with zero weights, as its epoch does)."""
     n = len(rows)
     pad = BATCH_SIZE - n
@@ -380,7 +390,7 @@ def test_d64_float64_steps_are_the_same_arithmetic(bundled, notebook_data, case)
         rows = bundled.split.train
         ratings = bundled.ratings
         state, losses = epoch_fn(
-            state, jnp.asarray(ratings.users[rows]), jnp.asarray(ratings.items[rows]),
+            state, 0.0, jnp.asarray(ratings.users[rows]), jnp.asarray(ratings.items[rows]),
             jnp.asarray(ratings.ratings[rows], jnp.float64), jnp.asarray(order, jnp.int32),
         )
         assert state.params["user_embedding"].dtype == jnp.float64
@@ -473,8 +483,8 @@ F_PREDICTION_ATOL = 1e-5
 def test_f_jaxcf_trained_weights_in_torch(twins, notebook_data, bundled, case, tmp_path):
     run = twins(case)
     jax_tables, _ = run.jax_epochs[-1]
-    state = jtrain.init_state(run.setup, params=jax_tables)
-    jtrain.export_run(run.setup, state, jtrain.Progress(), tmp_path)
+    state = jsgd.init_state(run.setup, params=jax_tables)
+    export_state(run.setup, state, tmp_path)
     model = torch_model(notebook_data, run.setup, seed=SEED + 7)
     W.load_jaxcf_weights(model, tmp_path / "model" / "weights.safetensors")
     valid = bundled.split.valid
@@ -488,7 +498,7 @@ def test_f_torch_trained_weights_in_jaxcf(twins, bundled, case, tmp_path):
     run = twins(case)
     path = W.save_jaxcf_weights(run.torch_model, tmp_path / "weights.safetensors")
     tables = safetensors.numpy.load_file(str(path))
-    state = jtrain.init_state(run.setup, params=tables)
+    state = jsgd.init_state(run.setup, params=tables)
     valid = bundled.split.valid
     jax_pred = jax_predict(run.setup, state.params, bundled.ratings.users[valid], bundled.ratings.items[valid])
     torch_pred = nb.predict(run.torch_model, run.valid_loader)

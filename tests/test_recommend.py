@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxcf import export, predict, recommend, similar
-from jaxcf.export import ModelError
-from jaxcf.recommend import UnknownIdError, load_model
+from jaxcf import export, inference, predict, recommend, similar
+from jaxcf.errors import ModelError, UnknownIdError
+from jaxcf.inference import load_model
 from jaxcf.train import main as train_main
 
 
@@ -98,7 +98,7 @@ def test_truncated_files_are_rejected(workdir, tmp_path, name):
     folder = _copy_export(workdir, tmp_path)
     payload = (folder / name).read_bytes()
     (folder / name).write_bytes(payload[: len(payload) - 10])
-    with pytest.raises(ModelError, match=f"{name}: sha256"):
+    with pytest.raises(ModelError, match=rf"{name}: \d+ bytes, expected \d+"):
         load_model(folder)
 
 
@@ -116,7 +116,7 @@ def test_missing_pieces_give_clear_errors(workdir, tmp_path):
 def test_metadata_cannot_point_outside_the_export(workdir, tmp_path):
     folder = _copy_export(workdir, tmp_path)
     meta = json.loads((folder / "metadata.json").read_text())
-    meta["files"]["../config.yaml"] = "0" * 64
+    meta["files"]["../config.yaml"] = {"bytes": 10, "sha256": "0" * 64}
     (folder / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="outside the export"):
         load_model(folder)
@@ -142,7 +142,7 @@ def test_chunked_prediction_equals_one_chunk(model, monkeypatch):
     users = np.repeat([1, 2, 3, 4, 5], 11)
     items = np.tile([31, 1029, 1061, 1129, 1172, 1, 2, 3, 5, 6, 7], 5)
     whole = model.predict(users, items).ratings
-    monkeypatch.setattr(recommend, "PREDICT_CHUNK", 7)
+    monkeypatch.setattr(inference, "PREDICT_CHUNK", 7)
     np.testing.assert_array_equal(model.predict(users, items).ratings, whole)
 
 
@@ -225,7 +225,7 @@ def test_including_seen_items_ranks_everything(model, files):
 
 
 def test_batched_recommendations_equal_single_ones(model, monkeypatch):
-    monkeypatch.setattr(recommend, "USERS_PER_CALL", 2)
+    monkeypatch.setattr(inference, "USERS_PER_CALL", 2)
     users = [1, 2, "3", 999_999, 15]
     batched = model.recommend_many(users, k=7)
     for user, ranking in zip(users, batched):
@@ -293,7 +293,7 @@ def _dot_export(tmp_path):
     """A tiny hand-made dot-model export with string item ids."""
     rng = np.random.default_rng(3)
     params = {"user_embedding": rng.normal(size=(3, 4)), "item_embedding": rng.normal(size=(5, 4))}
-    folder = export.export_model(
+    folder = export.write(
         tmp_path,
         params=params,
         user_ids=np.array([10, 20, 30]),

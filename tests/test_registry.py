@@ -15,7 +15,7 @@ import pytest
 from jaxcf import config as cfg
 from jaxcf.data import DataError, registry
 from jaxcf.data.download import Archive
-from jaxcf.recommend import load_model
+from jaxcf.inference import load_model
 from jaxcf.train import main as train_main
 
 # (user, item, rating) rows shared by every fake archive: 10 users x 4 items, half stars.
@@ -195,10 +195,10 @@ def test_checksum_mismatch_leaves_nothing_in_the_cache(server, monkeypatch, tmp_
     assert cache_listing(tmp_path) == []
 
 
-def test_size_mismatch_is_refused_before_the_body(server, monkeypatch, tmp_path):
+def test_size_mismatch_is_refused(server, monkeypatch, tmp_path):
     payload = build_zip(ml1m_style())
     serve(server, monkeypatch, "ml-1m", payload, size=len(payload) + 1)
-    with pytest.raises(DataError, match=f"is {len(payload)} bytes, expected {len(payload) + 1}"):
+    with pytest.raises(DataError, match=f"size {len(payload)} bytes, expected {len(payload) + 1}"):
         load("ml-1m")
     assert cache_listing(tmp_path) == []
 

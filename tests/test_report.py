@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxcf import export, report
-from jaxcf.recommend import load_model
+from jaxcf.inference import load_model
 from jaxcf.train import main as train_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -103,7 +103,7 @@ def test_short_titles_keep_the_year():
 
 def test_dot_model_report_has_no_bias_figure(tmp_path):
     rng = np.random.default_rng(1)
-    folder = export.export_model(
+    folder = export.write(
         tmp_path / "run",
         params={"user_embedding": rng.normal(size=(4, 3)), "item_embedding": rng.normal(size=(30, 3))},
         user_ids=np.arange(4),

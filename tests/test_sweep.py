@@ -12,8 +12,9 @@ import optax
 import pytest
 
 from jaxcf import config as cfg
-from jaxcf import members, optim, steps, sweep, train
+from jaxcf import data, members, optim, sgd, steps, sweep, trainer
 from jaxcf.data import load as load_dataset
+from jaxcf.errors import TrainingDiverged
 
 
 def write_low_rank_csv(path, num_users=50, num_items=30, seed=0):
@@ -36,10 +37,21 @@ def _config(csv, *overrides):
     return cfg.load("bias.yaml", [f"data.path={csv}", "train.batch_size=32", "model.n_factors=3", *overrides])
 
 
+def fit_members(config, dataset, member_list, allow_diverged=False):
+    """K members side by side through the one loop: (state, progress)."""
+    family = members.family(sgd.make_setup(config, dataset), member_list, allow_diverged=allow_diverged)
+    return trainer.train(family, config, family.init())
+
+
+def fit_single(config, dataset):
+    family = sgd.family(sgd.make_setup(config, dataset))
+    return trainer.train(family, config, family.init())
+
+
 @pytest.mark.parametrize("name", ["adamw", "adam"])
 def test_the_injected_optimizer_steps_like_jaxcf_optim(name):
     config = cfg.load("bias.yaml", [f"optim.name={name}", "optim.learning_rate=0.01", "optim.weight_decay=0.1"])
-    injected, reference = members.make_optimizer(config, steps_per_epoch=10), optim.dense(config.optim)
+    injected, reference = members.make_optimizer(config, steps_per_epoch=10), optim.transform(config.optim, 10)
     params = {"a": jnp.array([0.5, -1.0, 2.0]), "b": jnp.array([[0.1], [0.3]])}
     grads = [jax.tree.map(lambda x, k=k: jnp.sin(x * (k + 1)), params) for k in range(5)]
     p1, s1, p2, s2 = params, injected.init(params), params, reference.init(params)
@@ -59,16 +71,17 @@ def test_each_member_equals_its_own_single_model_run(small_csv):
         base, seed=7, optim=dataclasses.replace(base.optim, learning_rate=5e-3, weight_decay=1e-2, b1=0.8)
     )
     dataset = load_dataset(base.data, base.seed)
-    fitted = members.fit_members(base, dataset, [members.Member(base, {}), members.Member(other, {})])
+    fitted, fitted_progress = fit_members(base, dataset, [members.Member(base, {}), members.Member(other, {})])
     for k, config in enumerate((base, other)):
-        state, progress = train.fit(train.make_setup(config, dataset))
+        state, progress = fit_single(config, dataset)
         for name, table in state.params.items():
             # vmap may order a reduction differently from the single program: float32 rounding only.
             np.testing.assert_allclose(
-                np.asarray(fitted.state.params[name][k]), np.asarray(table), rtol=2e-5, atol=2e-6,
+                np.asarray(fitted.params[name][k]), np.asarray(table), rtol=2e-5, atol=2e-6,
                 err_msg=f"member {k} {name}",
             )
-        assert fitted.history[-1]["member_valid_rmse"][k] == pytest.approx(progress.history[-1]["valid_rmse"], rel=1e-5)
+        assert fitted_progress.history[-1]["member_valid_rmse"][k] == pytest.approx(
+            progress.history[-1]["valid_rmse"], rel=1e-5)
 
 
 def test_row_l2_adds_the_gradient_of_a_per_rating_penalty():
@@ -79,7 +92,7 @@ def test_row_l2_adds_the_gradient_of_a_per_rating_penalty():
         "item_bias": jnp.array([[0.05], [0.0], [-0.1]]),
     }
     tx = optax.sgd(1.0)
-    step = members.make_member_step(tx, (0.5, 5.0))
+    step = steps.make_step(tx, (0.5, 5.0), row_l2=True)
     state = steps.TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
     # User 0 appears twice, item 2 is padding (weight 0) and must not be penalised.
     users, items = jnp.array([0, 0, 1, 1]), jnp.array([0, 1, 1, 2])
@@ -98,9 +111,9 @@ def test_row_l2_adds_the_gradient_of_a_per_rating_penalty():
 
 def test_schedule_multipliers():
     total = 100
-    constant = members.schedule_multiplier("constant", total)
-    cosine = members.schedule_multiplier("cosine", total)
-    onecycle = members.schedule_multiplier("onecycle", total)
+    constant = optim.schedule_multiplier("constant", total)
+    cosine = optim.schedule_multiplier("cosine", total)
+    onecycle = optim.schedule_multiplier("onecycle", total)
     assert float(constant(0)) == float(constant(total)) == 1.0
     assert float(cosine(0)) == 1.0 and float(cosine(total)) == pytest.approx(0.0, abs=1e-6)
     peak = max(float(onecycle(t)) for t in range(total + 1))
@@ -111,11 +124,11 @@ def test_members_of_one_program_must_share_the_static_part(small_csv):
     base = _config(small_csv)
     wider = dataclasses.replace(base, model=dataclasses.replace(base.model, n_factors=4))
     with pytest.raises(cfg.ConfigError, match="may differ only in seed"):
-        members.fit_members(base, load_dataset(base.data, 42), [members.Member(base, {}), members.Member(wider, {})])
+        fit_members(base, load_dataset(base.data, 42), [members.Member(base, {}), members.Member(wider, {})])
 
 
 def test_holdout_split_takes_only_training_rows(bundled):
-    inner = sweep.holdout_split(bundled, 0.1, 42)
+    inner = data.holdout(bundled, 0.1, 42)
     train_rows = set(bundled.split.train.tolist())
     assert set(inner.split.train.tolist()) | set(inner.split.valid.tolist()) == train_rows
     assert not set(inner.split.train.tolist()) & set(inner.split.valid.tolist())
@@ -166,12 +179,27 @@ def test_a_diverging_member_leaves_the_others_alone(small_csv):
     base = _config(small_csv, "model.kind=dot", "train.epochs=2", "optim.weight_decay=0")
     wild = dataclasses.replace(base, optim=dataclasses.replace(base.optim, learning_rate=1e30))
     dataset = load_dataset(base.data, base.seed)
-    fitted = members.fit_members(base, dataset, [members.Member(base, {}), members.Member(wild, {})])
-    assert fitted.diverged.tolist() == [False, True]
-    record = fitted.history[-1]
+    state, progress = fit_members(base, dataset, [members.Member(base, {}), members.Member(wild, {})],
+                                  allow_diverged=True)
+    assert progress.carry["diverged"] == [False, True]
+    record = progress.history[-1]
     assert np.isfinite(record["member_valid_rmse"][0]) and np.isnan(record["member_valid_rmse"][1])
     assert record["members"] == 1 and record["valid_rmse"] == pytest.approx(record["member_valid_rmse"][0])
-    assert jax.tree.leaves(fitted.state.params)  # the state is still returned whole
+    assert jax.tree.leaves(state.params)  # the state is still returned whole
+
+
+def test_a_diverging_member_of_an_ensemble_stops_the_run(small_csv):
+    base = _config(small_csv, "model.kind=dot", "train.epochs=2", "optim.weight_decay=0")
+    wild = dataclasses.replace(base, seed=43, optim=dataclasses.replace(base.optim, learning_rate=1e30))
+    with pytest.raises(TrainingDiverged, match="seed 43"):
+        fit_members(base, load_dataset(base.data, base.seed), [members.Member(base, {}), members.Member(wild, {})])
+
+
+def test_a_sweep_out_that_is_a_folder_is_refused_before_training(small_csv, tmp_path, capsys):
+    argv = ["--config", "bias.yaml", "--set", f"data.path={small_csv}", "train.epochs=1", "--out", str(tmp_path)]
+    assert sweep.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is a directory" in err and "\n" not in err.strip()
 
 
 def test_crossval_scores_each_official_fold_and_summarises(tmp_path, capsys):

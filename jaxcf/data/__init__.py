@@ -1,7 +1,10 @@
-"""Ratings data: tables and id maps (``ratings``), named datasets (``registry``)."""
+"""Ratings data: id maps (``ids``), tables (``ratings``), splits (``splits``), named datasets (``registry``)."""
 
-from jaxcf.data.ratings import DataError, IdMap, Ratings, Split, load_csv, random_split
-from jaxcf.data.registry import DATASETS, Dataset, load
+from jaxcf.data.ids import IdMap
+from jaxcf.data.ratings import Ratings, load_csv, ratings_from_frame
+from jaxcf.data.registry import DATASETS, Dataset, from_frame, holdout, load
+from jaxcf.data.splits import Split, holdout_split, random_split
+from jaxcf.errors import DataError
 
 __all__ = [
     "DATASETS",
@@ -10,7 +13,11 @@ __all__ = [
     "IdMap",
     "Ratings",
     "Split",
+    "from_frame",
+    "holdout",
+    "holdout_split",
     "load",
     "load_csv",
     "random_split",
+    "ratings_from_frame",
 ]

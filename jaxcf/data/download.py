@@ -1,15 +1,15 @@
-"""Downloading, verifying and safely extracting dataset archives into a local cache.
+"""Fetching dataset archives into a local cache with pooch, and extracting them safely.
 
 Layout of the cache (``$JAXCF_DATA``, default ``~/.cache/jaxcf``)::
 
     <name>.zip      the archive, kept once its size and sha256 match
     <name>/         its contents (the archive's single top folder, renamed)
 
-Every step writes to a temporary name in the cache folder and renames it when complete, so an
-interrupted download or extraction never leaves something that looks finished: a ``<name>.zip`` is
-always a verified archive and a ``<name>/`` always a complete extraction. A checksum mismatch
-deletes the download. Extraction refuses members that would land outside the target folder
-(absolute paths, ``..``), and symbolic links.
+``pooch.retrieve`` downloads (with a timeout and a progress bar), checks the sha256 and renames the
+file into place only when it matches, so a ``<name>.zip`` in the cache is always a verified archive;
+a mismatch or an interrupted download leaves nothing. Extraction goes through a temporary folder
+too, so a ``<name>/`` is always complete, and it refuses members that would land outside the target
+folder (absolute paths, ``..``) and symbolic links before writing anything.
 
 The base URL is ``https://files.grouplens.org/datasets/movielens`` unless ``$JAXCF_DATA_URL`` says
 otherwise (a mirror, or a local server in the tests). Offline, put the archive at the path the
@@ -22,18 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.client
 import os
 import shutil
 import stat
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from jaxcf.data.ratings import DataError
+from jaxcf.errors import DataError
 
 DEFAULT_URL = "https://files.grouplens.org/datasets/movielens"
 # Seconds without a byte before a download is abandoned.
@@ -88,67 +85,50 @@ def _check(archive: Archive, size: int, sha256: str) -> str | None:
 
 
 def download(archive: Archive, target: Path, *, progress: bool | None = None) -> None:
-    """Downloads ``archive`` to ``target`` through a temporary file, verifying size and sha256.
+    """Downloads ``archive`` to ``target`` with pooch, verifying its sha256 (and size).
 
     Args:
       progress: draw a tqdm bar on stderr; None draws it only on a terminal.
 
     Raises:
-      DataError: network failure (with the manual-placement hint), HTTP error, short read, or a
-        size/sha256 mismatch. Nothing is left at ``target`` or in temporary files.
+      DataError: network failure (with the manual-placement hint), HTTP error, an interrupted
+        download, or a size/sha256 mismatch. Nothing is left at ``target`` or in temporary files.
     """
-    from tqdm.auto import tqdm
+    import pooch
+    import requests
 
     url = f"{base_url()}/{archive.filename}"
     manual = f"fetch it elsewhere and put it at {target} (it is verified before use), or set JAXCF_DATA_URL to a mirror"
+    show = sys.stderr.isatty() if progress is None else progress
+    downloader = pooch.HTTPDownloader(progressbar=show, timeout=TIMEOUT)
+    known = f"sha256:{archive.sha256}" if archive.sha256 else None
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    tmp = Path(tmp_name)
+    # pooch logs "Downloading data from ..." at INFO; the progress bar says as much.
+    logger = pooch.get_logger()
+    level = logger.level
+    logger.setLevel("WARNING")
     try:
-        digest = hashlib.sha256()
-        received = 0
-        with os.fdopen(fd, "wb") as sink:
-            try:
-                response = urllib.request.urlopen(url, timeout=TIMEOUT)  # noqa: S310 (http/https only by design)
-            except urllib.error.HTTPError as err:
-                raise DataError(f"cannot download {url}: HTTP {err.code} {err.reason}; {manual}") from None
-            except (urllib.error.URLError, OSError) as err:
-                reason = getattr(err, "reason", err)
-                raise DataError(f"cannot download {url} ({reason}); if offline, {manual}") from None
-            with response:
-                length = response.headers.get("Content-Length")
-                expected = int(length) if length and length.isdigit() else None
-                if expected is not None and archive.size is not None and expected != archive.size:
-                    raise DataError(
-                        f"{url} is {expected} bytes, expected {archive.size}: not the archive jaxcf knows; {manual}"
-                    )
-                bar = tqdm(
-                    total=expected or archive.size, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=archive.filename, file=sys.stderr, disable=(None if progress is None else not progress),
-                    leave=False,
-                )
-                with bar:
-                    try:
-                        while block := response.read(CHUNK):
-                            sink.write(block)
-                            digest.update(block)
-                            received += len(block)
-                            bar.update(len(block))
-                    except (http.client.IncompleteRead, OSError) as err:
-                        raise DataError(
-                            f"download of {url} broke off after {received} bytes ({type(err).__name__}); "
-                            f"run again, or {manual}"
-                        ) from None
-            if expected is not None and received != expected:
-                raise DataError(f"download of {url} broke off after {received} of {expected} bytes; run again")
-            sink.flush()
-            os.fsync(sink.fileno())
-        problem = _check(archive, received, digest.hexdigest())
-        if problem:
-            raise DataError(f"{url}: {problem}; the download was deleted; {manual}")
-        os.replace(tmp, target)
+        pooch.retrieve(url, known_hash=known, fname=target.name, path=target.parent, downloader=downloader)
+    except requests.HTTPError as err:
+        code = getattr(err.response, "status_code", "?")
+        reason = getattr(err.response, "reason", "")
+        raise DataError(f"cannot download {url}: HTTP {code} {reason}; {manual}") from None
+    except (requests.ConnectionError, requests.Timeout) as err:
+        raise DataError(f"cannot download {url} ({type(err).__name__}); if offline, {manual}") from None
+    except requests.RequestException as err:
+        raise DataError(f"download of {url} broke off ({type(err).__name__}); run again, or {manual}") from None
+    except ValueError:  # pooch: the downloaded file's hash does not match (it deleted the download)
+        target.unlink(missing_ok=True)
+        raise DataError(
+            f"{url}: the download's sha256 does not match the expected {archive.sha256}; the download was deleted; "
+            f"{manual}"
+        ) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        logger.setLevel(level)
+    problem = _check(archive, target.stat().st_size, archive.sha256 or _sha256(target))
+    if problem:
+        target.unlink(missing_ok=True)
+        raise DataError(f"{url}: {problem}; the download was deleted; {manual}")
 
 
 def _member_path(info: zipfile.ZipInfo) -> PurePosixPath:

@@ -1,15 +1,17 @@
-"""Ratings tables: reading a CSV, id maps from raw ids to contiguous indices, and the split.
+"""Ratings tables: a CSV file or a DataFrame read, checked and mapped to contiguous indices.
 
 Everything here is vectorised (pyarrow's CSV reader, ``pandas.factorize``), so it stays fast at
 20M+ rows; the notebook's per-row ``.apply(lambda ...)`` is not repeated.
 
 Policies (documented in the README's data section):
 - Duplicate (user, item) pairs are kept, each as its own rating, as the notebook does.
-- Ids may be integers or strings; they are kept as they appear in the file.
+- Ids are kept exactly as they appear in the file: integers only when every id of the column is
+  written as a canonical integer within int64 (``jaxcf.data.ids``), else text, so "007" is not "7".
 - ``.gz`` and other compressed CSVs are read transparently (by extension).
 - Ratings must be finite numbers (and inside ``rating_range`` when one is declared).
 
-What does not live here: the named-dataset registry and downloads (``jaxcf.data.registry``).
+What does not live here: id maps (``jaxcf.data.ids``), splits (``jaxcf.data.splits``), the
+named-dataset registry and downloads (``jaxcf.data.registry``).
 """
 
 from __future__ import annotations
@@ -24,51 +26,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-
-class DataError(ValueError):
-    """Data that cannot be used; the message is one line meant for the user."""
-
-
-@dataclasses.dataclass(frozen=True)
-class IdMap:
-    """Raw ids <-> contiguous indices. ``raw[i]`` is the raw id of index ``i``.
-
-    Indices follow the order of first appearance in the file, as the notebook's
-    ``{k: i for i, k in enumerate(df[col].unique())}`` does.
-    """
-
-    raw: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.raw)
-
-    @property
-    def _index(self) -> pd.Index:
-        return pd.Index(self.raw)
-
-    def lookup(self, raw_ids: Sequence | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Maps raw ids to indices.
-
-        Args:
-          raw_ids: any[n] raw ids. Numeric strings match integer ids (CLI input is text).
-
-        Returns:
-          (indices int32[n] with -1 where unknown, known bool[n]).
-        """
-        values = np.asarray(raw_ids)
-        if self.raw.dtype.kind in "iu" and values.dtype.kind in "USO":
-            converted = pd.to_numeric(pd.Series(values), errors="coerce")
-            values = converted.to_numpy()
-            # Non-integers cannot match an integer id.
-            bad = ~np.isfinite(values) | (values != np.round(values))
-            values = np.where(bad, np.nan, values)
-        elif self.raw.dtype.kind in "USO":
-            values = values.astype(str)
-            index = pd.Index(self.raw.astype(str))
-            positions = index.get_indexer(values)
-            return positions.astype(np.int32), positions >= 0
-        positions = self._index.get_indexer(values)
-        return positions.astype(np.int32), positions >= 0
+from jaxcf.data.ids import IdMap, canonical_ids
+from jaxcf.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +88,12 @@ def read_table(
     header: bool = True,
     names: Sequence[str] | None = None,
     encoding: str = "utf8",
+    text_columns: Sequence[str] = (),
 ) -> pa.Table:
     """Reads the given columns of a delimited file with pyarrow (fast, multi-threaded).
+
+    ``text_columns`` are read as the text they hold (ids: see ``jaxcf.data.ids``); in them only an
+    empty cell is missing ("NA" is an id like any other).
 
     Raises:
       DataError: missing/unreadable file, missing columns, malformed rows.
@@ -152,7 +115,10 @@ def read_table(
         block_size=1 << 24,
     )
     parse_options = pacsv.ParseOptions(delimiter=delimiter)
-    convert_options = pacsv.ConvertOptions(include_columns=list(columns), include_missing_columns=False)
+    convert_options = pacsv.ConvertOptions(
+        include_columns=list(columns), include_missing_columns=False,
+        column_types={name: pa.string() for name in text_columns}, strings_can_be_null=True, null_values=[""],
+    )
     try:
         table = pacsv.read_csv(path, read_options, parse_options, convert_options)
     except UnicodeDecodeError:
@@ -190,28 +156,42 @@ def read_table(
     return table
 
 
+def _missing(values) -> np.ndarray:
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return np.asarray(values.is_null().to_numpy(zero_copy_only=False), bool)
+    return np.asarray(pd.isna(values), bool)
+
+
 def ratings_from_columns(
-    users_raw: np.ndarray,
-    items_raw: np.ndarray,
-    ratings_raw: np.ndarray,
+    users_raw,
+    items_raw,
+    ratings_raw,
     *,
     source: str,
     sha256: str,
     rating_range: tuple[float, float] | None = None,
     names: tuple[str, str, str] = ("user", "item", "rating"),
 ) -> Ratings:
-    """Validates raw columns and builds id maps (order of first appearance) and indices."""
+    """Validates raw columns and builds id maps (order of first appearance) and indices.
+
+    Args:
+      users_raw, items_raw: id columns (pyarrow arrays, pandas Series or NumPy arrays); kept as
+        ``jaxcf.data.ids.canonical_ids`` says.
+      ratings_raw: the ratings column.
+    """
     user_col, item_col, rating_col = names
     if len(ratings_raw) == 0:
         raise DataError(f"{source}: has a header but no ratings")
     for col, values in ((user_col, users_raw), (item_col, items_raw)):
-        missing = pd.isna(values)
+        missing = _missing(values)
         if missing.any():
             row = int(np.argmax(missing))
             raise DataError(
                 f"{source}: missing {col} id in data row {row + 1}; every rating needs a user and an item id"
             )
-    ratings = np.asarray(ratings_raw)
+    if isinstance(ratings_raw, (pa.Array, pa.ChunkedArray)):
+        ratings_raw = ratings_raw.to_numpy(zero_copy_only=False)
+    ratings = ratings_raw.to_numpy() if isinstance(ratings_raw, pd.Series) else np.asarray(ratings_raw)
     if ratings.dtype.kind not in "fiu":
         as_numbers = pd.to_numeric(pd.Series(ratings), errors="coerce").to_numpy()
         bad = np.isnan(as_numbers) & ~pd.isna(ratings)
@@ -236,28 +216,29 @@ def ratings_from_columns(
                 f"{source}: rating {ratings[row].item()!r} in data row {row + 1} is outside data.rating_range "
                 f"[{low}, {high}]; fix the file or the declared range"
             )
-    user_codes, user_uniques = pd.factorize(users_raw)
-    item_codes, item_uniques = pd.factorize(items_raw)
+    user_codes, user_uniques = pd.factorize(canonical_ids(users_raw))
+    item_codes, item_uniques = pd.factorize(canonical_ids(items_raw))
     return Ratings(
         users=user_codes.astype(np.int32),
         items=item_codes.astype(np.int32),
         ratings=ratings.astype(np.float32),
-        user_ids=IdMap(np.asarray(user_uniques)),
-        item_ids=IdMap(np.asarray(item_uniques)),
+        user_ids=IdMap(_id_array(user_uniques)),
+        item_ids=IdMap(_id_array(item_uniques)),
         source=source,
         sha256=sha256,
     )
 
 
-def _column_values(table: pa.Table, name: str) -> np.ndarray:
+def _id_array(uniques) -> np.ndarray:
+    values = np.asarray(uniques)
+    return values.astype(np.int64) if values.dtype.kind in "iu" else values.astype(object)
+
+
+def _column_values(table: pa.Table, name: str):
     column = table.column(name)
     if pa.types.is_null(column.type):
         return np.full(len(column), None, dtype=object)
-    if pa.types.is_integer(column.type) and column.null_count == 0:
-        return column.to_numpy().astype(np.int64)
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        return column.to_numpy(zero_copy_only=False).astype(object)
-    return column.to_numpy(zero_copy_only=False)
+    return column.combine_chunks()
 
 
 def load_csv(
@@ -284,7 +265,7 @@ def load_csv(
       DataError: with one line saying what is wrong and what to do.
     """
     path = Path(path)
-    table = read_table(path, [user_col, item_col, rating_col])
+    table = read_table(path, [user_col, item_col, rating_col], text_columns=(user_col, item_col))
     return ratings_from_columns(
         _column_values(table, user_col),
         _column_values(table, item_col),
@@ -296,33 +277,44 @@ def load_csv(
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """Row indices (into a Ratings table) of the training and validation parts, in file order."""
+def frame_sha256(users: np.ndarray, items: np.ndarray, ratings: np.ndarray) -> str:
+    """A checksum of a table's content (ids as kept, ratings as float64), for data not read from a file."""
+    digest = hashlib.sha256()
+    for ids in (users, items):
+        if ids.dtype.kind in "iu":
+            digest.update(b"int64:" + np.ascontiguousarray(ids, np.int64).tobytes())
+        else:
+            digest.update(b"text:" + "\x1f".join(ids.tolist()).encode("utf-8", "surrogatepass"))
+    digest.update(b"ratings:" + np.ascontiguousarray(ratings, np.float64).tobytes())
+    return digest.hexdigest()
 
-    train: np.ndarray
-    valid: np.ndarray
-    name: str = "random"
 
-
-def random_split(num_ratings: int, valid_fraction: float, seed: int) -> Split:
-    """The notebook's 80/20 split, seeded as the notebook meant.
-
-    Validation is the first ``int(n * valid_fraction)`` entries of
-    ``np.random.RandomState(seed).permutation(n)``. Both parts keep file order, as the notebook's
-    boolean ``mask`` does. (The notebook wrote ``np.random.seed = 42``, which assigns to the
-    attribute instead of calling it, so its own split was unseeded.)
+def ratings_from_frame(
+    frame: pd.DataFrame,
+    user_col: str = "userId",
+    item_col: str = "movieId",
+    rating_col: str = "rating",
+    *,
+    rating_range: tuple[float, float] | None = None,
+    source: str = "DataFrame",
+) -> Ratings:
+    """A Ratings table from a pandas DataFrame, checked and mapped exactly as :func:`load_csv` does.
 
     Raises:
-      DataError: when either part would be empty.
+      DataError: missing columns, missing ids, ratings that are not finite numbers.
     """
-    num_valid = int(num_ratings * valid_fraction)
-    if num_valid < 1 or num_ratings - num_valid < 1:
+    if not isinstance(frame, pd.DataFrame):
+        raise DataError(f"expected a pandas DataFrame or a path to a CSV; got {type(frame).__name__}")
+    missing = [c for c in (user_col, item_col, rating_col) if c not in frame.columns]
+    if missing:
+        shown = ", ".join(map(str, list(frame.columns)[:8])) or "(none)"
         raise DataError(
-            f"too few ratings to split: {num_ratings} ratings with data.valid_fraction={valid_fraction} "
-            "leave an empty training or validation set; use more data or change the fraction"
+            f"{source}: missing column(s) {', '.join(missing)}; it has: {shown}. "
+            "Set data.user_col / data.item_col / data.rating_col to match"
         )
-    permutation = np.random.RandomState(seed).permutation(num_ratings)
-    mask = np.zeros(num_ratings, dtype=bool)
-    mask[permutation[:num_valid]] = True
-    return Split(train=np.flatnonzero(~mask), valid=np.flatnonzero(mask), name="random")
+    table = ratings_from_columns(
+        frame[user_col], frame[item_col], frame[rating_col], source=source, sha256="",
+        rating_range=rating_range, names=(user_col, item_col, rating_col),
+    )
+    digest = frame_sha256(table.user_ids.raw[table.users], table.item_ids.raw[table.items], table.ratings)
+    return dataclasses.replace(table, sha256=digest)

@@ -33,16 +33,9 @@ import pandas as pd
 
 from jaxcf.data import download
 from jaxcf.data.download import Archive
-from jaxcf.data.ratings import (
-    DataError,
-    Ratings,
-    Split,
-    file_sha256,
-    load_csv,
-    random_split,
-    ratings_from_columns,
-    read_table,
-)
+from jaxcf.data.ratings import Ratings, file_sha256, load_csv, ratings_from_columns, ratings_from_frame, read_table
+from jaxcf.data.splits import Split, holdout_split, random_split
+from jaxcf.errors import DataError
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 
@@ -54,6 +47,20 @@ class Dataset:
     ratings: Ratings
     split: Split
     titles: dict | None = None
+
+    def fingerprint(self) -> dict:
+        """What identifies the data a run trains on (a resumed run must find the same)."""
+        ratings = self.ratings
+        return {
+            "source": ratings.source,
+            "sha256": ratings.sha256,
+            "num_ratings": len(ratings),
+            "num_users": ratings.num_users,
+            "num_items": ratings.num_items,
+            "split": self.split.name,
+            "num_train": len(self.split.train),
+            "num_valid": len(self.split.valid),
+        }
 
 
 def _bundled_sums(folder: Path) -> dict[str, str]:
@@ -259,6 +266,27 @@ DATASETS: dict[str, Loader] = {
     "ml-20m": functools.partial(_downloaded_csv, "ml-20m"),
     "ml-25m": functools.partial(_downloaded_csv, "ml-25m"),
 }
+
+
+def from_frame(frame, data_config, seed: int) -> Dataset:
+    """A Dataset from a pandas DataFrame: ``data_config``'s column names, checks and random split.
+
+    Raises:
+      DataError: as for a CSV file.
+    """
+    if data_config.split is not None:
+        raise DataError("data.split names a predefined split of a registry dataset; it cannot be used with a DataFrame")
+    ratings = ratings_from_frame(
+        frame, data_config.user_col, data_config.item_col, data_config.rating_col,
+        rating_range=data_config.rating_range,
+    )
+    return Dataset(ratings, random_split(len(ratings), data_config.valid_fraction, seed))
+
+
+def holdout(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    """The dataset with its validation rows replaced by a random ``fraction`` of its training rows
+    (``jaxcf.data.splits.holdout_split``)."""
+    return dataclasses.replace(dataset, split=holdout_split(dataset.split, fraction, seed))
 
 
 def load(data_config, seed: int) -> Dataset:

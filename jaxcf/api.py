@@ -1,0 +1,95 @@
+"""Training from Python: ``jaxcf.fit(df)`` runs exactly what ``python -m jaxcf.train`` runs.
+
+    import jaxcf, pandas as pd
+    df = pd.read_csv("ratings.csv")                 # the config's user/item/rating columns
+    model = jaxcf.fit(df)                            # bias.yaml's defaults and the notebook's split
+    model = jaxcf.fit(df, config="best.yaml", overrides=["train.epochs=50"])   # or a Config object
+    model.history[-1]["valid_rmse"]                  # the records metrics.jsonl would hold
+    model.save("runs/mine")                          # the export the CLI writes; load_model reads it
+
+The data go through the CSV loader's checks and id rules (``jaxcf.data.ratings_from_frame``), the
+config through the CLI's validation, and the training through the one loop (``jaxcf.trainer.fit``):
+in memory, or into ``workdir`` (checkpoints, ``metrics.jsonl``, ``model/``) when one is given.
+Errors are the CLI's one-line errors, raised (``jaxcf.errors``).
+
+What does not live here: the loop (``jaxcf.trainer``), inference (``jaxcf.inference``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from jaxcf import config as config_module
+from jaxcf import trainer
+from jaxcf.config import Config
+from jaxcf.data import from_frame
+from jaxcf.inference import Model
+
+
+def resolve_config(config: Config | str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """A Config from a Config object, a YAML path or shipped name, or None (the defaults: bias.yaml's).
+
+    Raises:
+      ConfigError: as the CLI's ``--config``/``--set`` would.
+    """
+    if isinstance(config, Config):
+        raw = config_module.to_dict(config)
+        return config_module.from_dict(config_module.apply_overrides(raw, overrides))
+    if config is not None and not isinstance(config, (str, Path)):
+        raise config_module.ConfigError(f"config must be a Config, a YAML path or a shipped name; got "
+                                        f"{type(config).__name__}")
+    return config_module.load(config, overrides)
+
+
+def fit(
+    data: Any = None,
+    config: Config | str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    workdir: str | Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+) -> Model:
+    """Trains a model and returns it, ready for ``predict``, ``recommend`` and ``save``.
+
+    Args:
+      data: a pandas DataFrame with the config's ``data.user_col``, ``data.item_col`` and
+        ``data.rating_col`` columns; or a path to a ratings CSV; or None for the dataset the
+        config names (``data.name``, the bundled ml-latest-small by default).
+      config: a :class:`jaxcf.Config`, a YAML path, a shipped config name (``"best.yaml"``), or None
+        for the defaults (those of ``configs/bias.yaml``: the notebook's biased model).
+      overrides: ``"key=value"`` strings, as the CLI's ``--set``.
+      workdir: write the run there (config, checkpoints, metrics.jsonl, model/) as the CLI does;
+        None trains in memory and writes nothing.
+      resume: continue the run in ``workdir``.
+      quiet: no progress bar (it is drawn in terminals and notebooks otherwise).
+
+    Returns:
+      A :class:`jaxcf.inference.Model`; ``model.history`` holds the per-epoch records.
+
+    Raises:
+      ConfigError, DataError, WorkdirError, CheckpointError, TrainingDiverged: one-line messages.
+    """
+    import pandas as pd
+
+    if isinstance(data, (str, Path)):
+        overrides = [*overrides, f"data.path={Path(data)}"]
+        data = None
+    resolved = resolve_config(config, overrides)
+    dataset = None
+    if isinstance(data, pd.DataFrame):
+        dataset = from_frame(data, resolved.data, resolved.seed)
+    elif data is not None:
+        raise config_module.ConfigError(
+            f"data must be a pandas DataFrame, a path to a ratings CSV, or None; got {type(data).__name__}"
+        )
+    with open(os.devnull, "w") as silent:
+        trained = trainer.fit(resolved, dataset, workdir=None if workdir is None else Path(workdir), resume=resume,
+                              quiet=quiet, out=silent, progress_bar=not quiet)
+    model = Model(trained.export())
+    if workdir is not None:
+        model.path = Path(workdir) / "model"
+    return model

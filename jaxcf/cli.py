@@ -1,0 +1,36 @@
+"""What every ``python -m jaxcf.<command>`` shares: errors as one line and an exit status, ranking tables.
+
+A :class:`jaxcf.errors.JaxcfError` (or a ``ValueError`` from a bad argument) becomes ``error: <one
+line>`` on stderr and exit status 2 for bad input, 1 for a diverged run, 3 for a stalled one; never a
+traceback. What does not live here: the commands (``jaxcf.train``, ``jaxcf.predict``, ...).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from jaxcf.errors import JaxcfError, exit_status
+
+
+def run(body: Callable[[], int]) -> int:
+    """Runs a command's body, turning the errors a user can fix into one line and an exit status."""
+    try:
+        return body()
+    except JaxcfError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return exit_status(err)
+    except ValueError as err:  # a bad argument value (k < 1, lengths that differ, ...)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"error: {first}", file=sys.stderr)
+        return 2
+
+
+def format_ranking(ranking, score_name: str, id_name: str = "item") -> str:
+    """A plain-text table: rank, id, score, title."""
+    width = max([len(id_name)] + [len(str(v)) for v in ranking.ids.tolist()])
+    lines = [f"rank  {id_name:>{width}}  {score_name:>9}  title"]
+    for rank, (raw, title, score) in enumerate(zip(ranking.ids.tolist(), ranking.titles, ranking.scores.tolist()), 1):
+        shown = title if title is not None else "(no title)"
+        lines.append(f"{rank:>4}  {str(raw):>{width}}  {score:>9.4f}  {shown}")
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""Reading configs: the typed build of a dataclass tree from plain data, YAML files, ``--set`` overrides.
+
+Every value is checked against its annotation: unknown keys fail with the dotted key and a "did you
+mean", wrong types with what was expected. YAML is read with ``yaml.safe_load`` only; YAML 1.1's
+``1e-3`` (a string there) is accepted as the number it means.
+
+What does not live here: the schema, its defaults and the value checks (``jaxcf.config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxcf.errors import ConfigError
+
+
+def suggest(key: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _known_keys(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks and converts one leaf value to the annotated type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if value is None:
+        raise ConfigError(f"{key}: must not be null; expected {_type_name(tp)}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, e.g. [0.5, 5.0]; got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false; got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer; got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number; got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads `1e-3` as a string because it lacks a dot; accept it as the
+            # number the user meant rather than failing on a technicality.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number; got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string; got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp!r}")
+
+
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, Mapping):
+        where = prefix.rstrip(".") or "the config"
+        raise ConfigError(f"{where}: expected a mapping of keys to values; got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = _known_keys(cls)
+    for key in raw:
+        if key not in known:
+            raise ConfigError(
+                f"unknown config key {prefix}{key!s}{suggest(str(key), known)}; "
+                f"allowed keys here: {', '.join(known)}"
+            )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = build(tp, raw[f.name], f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(raw[f.name], tp, f"{prefix}{f.name}")
+    return cls(**kwargs)
+
+
+def resolve_path(name: str | Path, config_dir: Path) -> Path:
+    """A config argument as a file: an existing path, else a config shipped with the package.
+
+    Raises:
+      ConfigError: when neither exists.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (config_dir / path.name, config_dir / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    shipped = ", ".join(sorted(p.name for p in config_dir.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {str(name)!r}; give a path to a YAML file or one of: {shipped}")
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {err}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"YAML syntax error in {str(path)!r}{where}: {problem}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Applies ``key.sub=value`` strings; each value is parsed as YAML (so `null`, `[0, 5]` work)."""
+    raw = _deep_copy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value (e.g. optim.learning_rate=3e-3); got {item!r}")
+        key, _, text = item.partition("=")
+        key = key.strip()
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: cannot parse value {text!r}") from None
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _deep_copy(raw: Any) -> Any:
+    if isinstance(raw, Mapping):
+        return {k: _deep_copy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deep_copy(v) for v in raw]
+    return raw

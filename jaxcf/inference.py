@@ -1,0 +1,404 @@
+"""Using a trained model: predictions for raw ids, top-k recommendations, similar items and bias rankings.
+
+    model = jaxcf.load_model("runs/bias")          # a training workdir or its model/ folder
+    model.predict([1, 1], [31, 999999])            # Predictions(ratings, fallback, ...)
+    model.recommend(1, k=10)                        # Ranking(ids, titles, scores, fallback)
+    model.similar_items(260, k=10)
+
+Raw ids are matched exactly (``jaxcf.data.ids``): an integer id, or its canonical text (``"10"``);
+``"1e1"``, ``"010"`` or ``10.5`` match nothing. Ids the model has never seen get the flagged fallback
+of ``jaxcf.fallback`` (or ``UnknownIdError`` with ``strict=True``). An ensemble's predictions and
+top-k use all its members (their mean); its similar items and bias rankings use 2-D summaries
+(``jaxcf.catalogue.member_summary``).
+
+This module imports no training code, no optax and no orbax (``tests/test_layers.py`` checks).
+
+What does not live here: reading and verifying the export (``jaxcf.export``), the scoring rule
+(``jaxcf.models``), compiled top-k (``jaxcf.catalogue``), the CLIs (``jaxcf.predict``,
+``jaxcf.recommend``, ``jaxcf.similar``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcf import catalogue, evaluate, export
+from jaxcf import fallback as policy
+from jaxcf.data.ids import IdMap
+from jaxcf.errors import ModelError, UnknownIdError
+from jaxcf.export import Export
+
+# Pairs per device call in predict(); smaller requests are padded to the next power of two so that
+# a handful of compiled shapes serves every request size.
+PREDICT_CHUNK = 65536
+# Users per device call in recommend_many(): a [users, num_items] score block (ml-25m: 62k items,
+# 256 users = 64 MB of float32).
+USERS_PER_CALL = 256
+FALLBACKS = policy.FALLBACKS
+
+
+class Predictions(NamedTuple):
+    """Predictions for (user, item) pairs of raw ids.
+
+    Attributes:
+      ratings: float32[n] predicted ratings (the fallback value where ``fallback`` is set).
+      fallback: bool[n] True where the user or the item is unknown (``jaxcf.fallback``).
+      user_known: bool[n].
+      item_known: bool[n].
+    """
+
+    ratings: np.ndarray
+    fallback: np.ndarray
+    user_known: np.ndarray
+    item_known: np.ndarray
+
+
+class Ranking(NamedTuple):
+    """A ranked list of raw ids, best first.
+
+    Attributes:
+      ids: [k] raw ids (items, or users for a user bias ranking).
+      titles: k titles, None where unknown (always None for users).
+      scores: float32[k] predicted ratings, cosine similarities or biases, as the method says.
+      fallback: True for a cold-start answer (unknown user in :meth:`Model.recommend`).
+    """
+
+    ids: np.ndarray
+    titles: list
+    scores: np.ndarray
+    fallback: bool = False
+
+
+def _as_list(values: Any) -> list:
+    """One raw id or a sequence of them, as a list (ids keep their Python types: no float coercion)."""
+    if isinstance(values, (str, bytes)) or np.ndim(values) == 0:
+        return [values.item() if isinstance(values, np.generic) else values]
+    return list(values.tolist() if hasattr(values, "tolist") else values)
+
+
+def check_k(k: Any) -> int:
+    """``k`` as an int; ValueError unless it is an integer >= 1."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1; got {k!r}")
+    return int(k)
+
+
+class Model:
+    """A trained model (loaded from an export, or fresh from ``jaxcf.fit``), with inference for raw ids.
+
+    Attributes:
+      kind: ``"dot"`` or ``"bias"``.
+      y_range: (low, high) of the biased model's scaled sigmoid; None for the dot model.
+      metadata: ``metadata.json``.
+      history: the training records (``metadata["metrics"]``; the last is the exported model's).
+      path: the export directory (None for a model trained in memory and not saved).
+      user_ids, item_ids: :class:`IdMap` of raw ids; ``user_ids.raw[i]`` is row ``i``.
+      user_embedding: float32[num_users, F]; item_embedding: float32[num_items, F].
+      user_bias, item_bias: float32[num_users], float32[num_items] (bias model), else None.
+      user_counts, item_counts: int64 training ratings per row (from ``seen.safetensors``).
+      titles: list of num_items titles (None where unknown).
+    """
+
+    def __init__(self, source: Export):
+        self.export = source
+        self.metadata = source.metadata
+        self.path = source.path
+        model_info = source.metadata["model"]
+        self.kind: str = model_info["kind"]
+        self.y_range = tuple(float(v) for v in model_info["y_range"]) if self.kind == "bias" else None
+        self.ensemble_size: int | None = model_info.get("ensemble_size")
+        self.user_ids = IdMap(source.user_ids)
+        self.item_ids = IdMap(source.item_ids)
+        weights = source.weights
+        shown = catalogue.member_summary(weights) if weights["user_embedding"].ndim == 3 else weights
+        self.user_embedding = shown["user_embedding"]
+        self.item_embedding = shown["item_embedding"]
+        self.user_bias = shown["user_bias"][:, 0] if "user_bias" in shown else None
+        self.item_bias = shown["item_bias"][:, 0] if "item_bias" in shown else None
+        self.seen_users = source.seen_users
+        self.seen_items = source.seen_items
+        self.user_counts = np.bincount(self.seen_users, minlength=self.num_users)
+        self.item_counts = np.bincount(self.seen_items, minlength=self.num_items)
+        self._seen = catalogue.SeenItems(self.seen_users, self.seen_items, self.num_users, self.num_items)
+        self.titles: list = [None] * self.num_items
+        if source.titles:
+            positions, known = self.item_ids.lookup([k for k, _ in source.titles])
+            for position, is_known, (_, title) in zip(positions.tolist(), known.tolist(), source.titles):
+                if is_known:
+                    self.titles[position] = str(title)
+        self._params = {name: jnp.asarray(table) for name, table in weights.items()}
+
+    # ------------------------------------------------------------------------------ basics
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def history(self) -> list[dict]:
+        """The training records (what ``metrics.jsonl`` holds; the last is the exported model's)."""
+        return list(self.metadata.get("metrics") or [])
+
+    def __repr__(self) -> str:
+        where = str(self.path) if self.path is not None else "in memory"
+        return f"Model(kind={self.kind!r}, users={self.num_users}, items={self.num_items}, path={where!r})"
+
+    def save(self, path: str | Path) -> Path:
+        """Writes the model as an export folder (what ``load_model`` reads), replacing any export there
+        as a whole; a training workdir's ``model/`` is used when ``path`` is a workdir.
+
+        Returns:
+          The export folder.
+        """
+        path = Path(path)
+        folder = path / export.EXPORT_DIR if (path / "config.yaml").is_file() else path
+        export.save(self.export, folder)
+        self.path = folder
+        return folder
+
+    def seen(self, user_index: int) -> np.ndarray:
+        """int32[m] distinct item indices that user ``user_index`` rated in training."""
+        return self._seen.of(user_index)
+
+    def title(self, item_id: Any) -> str | None:
+        """The title of a raw item id, or None."""
+        index, known = self.item_ids.lookup([item_id])
+        return self.titles[int(index[0])] if known[0] else None
+
+    @functools.cached_property
+    def fallback_tables(self) -> policy.Tables:
+        """The fallback policy's mean predictions (``jaxcf.fallback``), computed on first use."""
+        predictions = self._score_known(self.seen_users, self.seen_items)
+        return policy.tables(predictions, self.seen_users, self.seen_items, self.num_users, self.num_items,
+                               self.y_range)
+
+    def fallback_rule(self, user_known: bool, item_known: bool) -> str:
+        """The fallback used for a pair, in words (empty when both ids are known)."""
+        return policy.rule(self.fallback_tables, user_known, item_known)
+
+    # ------------------------------------------------------------------------------ predict
+
+    def _score_known(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """float32[n] model predictions for index pairs, in chunks on the device."""
+        return evaluate.predict_pairs(self._params, users, items, self.y_range, chunk=PREDICT_CHUNK, round_up=True)
+
+    def lookup_users(self, user_ids: Any, strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Raw user ids -> (int32[n] indices, -1 where unknown; bool[n] known).
+
+        Raises:
+          UnknownIdError: with ``strict`` when any id is unknown.
+        """
+        return self._lookup(self.user_ids, _as_list(user_ids), "user", strict)
+
+    def lookup_items(self, item_ids: Any, strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Raw item ids -> (int32[n] indices, -1 where unknown; bool[n] known).
+
+        Raises:
+          UnknownIdError: with ``strict`` when any id is unknown.
+        """
+        return self._lookup(self.item_ids, _as_list(item_ids), "item", strict)
+
+    def _lookup(self, id_map: IdMap, raw: list, what: str, strict: bool, hint: str = ""):
+        indices, known = id_map.lookup(raw)
+        if strict and not known.all():
+            first = raw[int(np.argmax(~known))]
+            shown = first if isinstance(first, str) else repr(first)
+            more = int((~known).sum()) - 1
+            also = f" (and {more} more)" if more else ""
+            hint = hint or "use a known id; without strict mode, unknown ids get the documented fallback"
+            raise UnknownIdError(
+                f"unknown {what} id {shown}{also}: not among the {len(id_map)} {what}s the model was trained on; {hint}"
+            )
+        return indices, known
+
+    def predict(self, user_ids: Any, item_ids: Any, strict: bool = False, fallback: str = "mean") -> Predictions:
+        """Predicted ratings for pairs of raw ids.
+
+        Args:
+          user_ids, item_ids: raw ids, scalars or sequences of one length (a scalar is repeated).
+          strict: raise on unknown ids instead of falling back.
+          fallback: ``"mean"`` (the default policy of ``jaxcf.fallback``) or ``"known_terms"``
+            (Surprise's literal rule; the dot model has no per-side terms, so it uses ``"mean"``).
+
+        Returns:
+          :class:`Predictions` with float32[n] ratings and bool[n] fallback flags.
+
+        Raises:
+          UnknownIdError: with ``strict`` and an unknown id.
+          ValueError: when the two sequences have different lengths, or an unknown ``fallback``.
+        """
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback={fallback!r}: choose one of {', '.join(FALLBACKS)}")
+        users_raw, items_raw = _as_list(user_ids), _as_list(item_ids)
+        if len(users_raw) == 1 and len(items_raw) != 1:
+            users_raw = users_raw * len(items_raw)
+        elif len(items_raw) == 1 and len(users_raw) != 1:
+            items_raw = items_raw * len(users_raw)
+        if len(users_raw) != len(items_raw):
+            raise ValueError(f"predict: {len(users_raw)} user ids but {len(items_raw)} item ids; pass one of each")
+        users, user_known = self.lookup_users(users_raw, strict)
+        items, item_known = self.lookup_items(items_raw, strict)
+        both = user_known & item_known
+        if fallback == "known_terms" and self.kind == "bias":
+            ratings = policy.known_terms(self.user_bias, self.item_bias, self.y_range, users, items, user_known,
+                                         item_known)
+        else:
+            ratings = policy.scores(self.fallback_tables, users, items, user_known, item_known)
+        if both.any():
+            ratings[both] = self._score_known(users[both], items[both])
+        return Predictions(ratings, ~both, user_known, item_known)
+
+    # ------------------------------------------------------------------------------ recommend
+
+    def _ranking(self, indices: np.ndarray, scores: np.ndarray, is_fallback: bool = False) -> Ranking:
+        indices = np.asarray(indices, np.int64)
+        return Ranking(
+            self.item_ids.raw[indices], [self.titles[i] for i in indices.tolist()],
+            np.asarray(scores, np.float32), is_fallback,
+        )
+
+    def cold_start(self, k: int = 10) -> Ranking:
+        """The answer for an unknown user, flagged ``fallback``: the bias model's items by learned
+        item bias, the dot model's by number of training ratings, each scored with its unknown-user
+        fallback (the mean prediction over the item's training ratings)."""
+        k = min(check_k(k), self.num_items)
+        key = self.item_bias if self.kind == "bias" else self.item_counts
+        order = np.argsort(-key, kind="stable")[:k]
+        return self._ranking(order, self.fallback_tables.per_item[order], is_fallback=True)
+
+    def recommend(self, user_id: Any, k: int = 10, exclude_seen: bool = True, strict: bool = False) -> Ranking:
+        """The top-k items for one user by predicted rating.
+
+        Args:
+          user_id: a raw user id.
+          k: how many items (fewer when the user has rated nearly everything).
+          exclude_seen: leave out the items the user rated in training.
+          strict: raise for an unknown user instead of the cold-start answer.
+
+        Returns:
+          A :class:`Ranking` of item ids, titles and float32[k] predicted ratings; for an unknown
+          user, :meth:`cold_start` (flagged ``fallback``).
+
+        Raises:
+          UnknownIdError: with ``strict`` and an unknown user.
+          ValueError: for k < 1.
+        """
+        return self.recommend_many([user_id], k, exclude_seen, strict)[0]
+
+    def recommend_many(
+        self, user_ids: Sequence, k: int = 10, exclude_seen: bool = True, strict: bool = False
+    ) -> list[Ranking]:
+        """:meth:`recommend` for several users, batched on the device (``USERS_PER_CALL`` at a time)."""
+        k = check_k(k)
+        users, known = self.lookup_users(user_ids, strict)
+        results: list[Ranking | None] = [None] * len(users)
+        known_positions = np.flatnonzero(known)
+        top = min(k, self.num_items)
+        for start in range(0, len(known_positions), USERS_PER_CALL):
+            block = known_positions[start : start + USERS_PER_CALL]
+            block_users = users[block]
+            size = len(block_users)
+            padded = evaluate.bucket(size)
+            if exclude_seen:
+                rows, cols = self._seen.mask(block_users, padded)
+            else:
+                rows, cols = np.full(1, padded, np.int32), np.zeros(1, np.int32)
+            scores, items = catalogue.top_k_unseen(
+                self._params, np.pad(block_users.astype(np.int32), (0, padded - size)), rows, cols, top, self.y_range
+            )
+            scores, items = np.asarray(scores)[:size], np.asarray(items)[:size]
+            for position, row_scores, row_items in zip(block.tolist(), scores, items):
+                keep = np.isfinite(row_scores)
+                results[position] = self._ranking(row_items[keep], row_scores[keep])
+        if not known.all():
+            cold = self.cold_start(k)
+            for position in np.flatnonzero(~known).tolist():
+                results[position] = cold
+        return results
+
+    # ------------------------------------------------------------------------------ items
+
+    @functools.cached_property
+    def _unit_items(self) -> jax.Array:
+        return catalogue.unit_rows(self.item_embedding)
+
+    def similar_items(self, item_id: Any, k: int = 10, min_ratings: int = 1) -> Ranking:
+        """Items whose embeddings have the highest cosine similarity with ``item_id``'s.
+
+        Args:
+          item_id: one raw item id (it is never in its own answer).
+          k: how many items.
+          min_ratings: leave out items with fewer training ratings; an item nobody rated in
+            training still has its random initial embedding, so its cosine means nothing.
+
+        Returns:
+          A :class:`Ranking` with float32[k] cosine similarities, highest first.
+
+        Raises:
+          UnknownIdError: for an unknown item (there is no fallback for similarity).
+          ValueError: for a sequence of ids (one item at a time) or k < 1.
+        """
+        k = check_k(k)
+        if not (isinstance(item_id, (str, bytes)) or np.ndim(item_id) == 0):
+            raise ValueError(f"similar_items takes one item id; got {len(item_id)}: call it once per item")
+        index, _ = self._lookup(
+            self.item_ids, _as_list(item_id), "item", True, "similar items need an item the model was trained on"
+        )
+        query = int(index[0])
+        excluded = self.item_counts < min_ratings
+        excluded[query] = True
+        scores, items = catalogue.top_k_cosine(self._unit_items, query, jnp.asarray(excluded), min(k, self.num_items))
+        scores, items = np.asarray(scores), np.asarray(items)
+        keep = np.isfinite(scores)
+        return self._ranking(items[keep], scores[keep])
+
+    def bias_ranking(self, side: str = "item", k: int = 10, lowest: bool = False, min_ratings: int = 0) -> Ranking:
+        """Users or items ranked by learned bias (bias model only).
+
+        Args:
+          side: ``"item"`` or ``"user"``.
+          k: how many.
+          lowest: the lowest biases first instead of the highest.
+          min_ratings: only rows with at least this many training ratings (few ratings, noisy bias).
+
+        Returns:
+          A :class:`Ranking` of raw ids with float32[k] biases (logit units); titles for items.
+
+        Raises:
+          ModelError: for the dot model, which has no biases.
+          ValueError: for k < 1 or an unknown side.
+        """
+        if self.kind != "bias":
+            raise ModelError(f"bias rankings need the bias model; this model is {self.kind!r}")
+        k = check_k(k)
+        if side not in ("item", "user"):
+            raise ValueError(f"side must be 'item' or 'user'; got {side!r}")
+        bias, counts = (self.item_bias, self.item_counts) if side == "item" else (self.user_bias, self.user_counts)
+        candidates = np.flatnonzero(counts >= min_ratings)
+        order = candidates[np.argsort(bias[candidates] if lowest else -bias[candidates], kind="stable")][:k]
+        if side == "item":
+            return self._ranking(order, bias[order])
+        return Ranking(self.user_ids.raw[order], [None] * len(order), bias[order].astype(np.float32))
+
+
+def load_model(path: str | Path) -> Model:
+    """Loads an exported model (every file checked against its sha256 and size).
+
+    Args:
+      path: a training workdir (its ``model/`` folder is used) or an export directory.
+
+    Raises:
+      ModelError: missing directory or metadata, a tampered or truncated file, inconsistent contents.
+    """
+    return Model(export.read(path))

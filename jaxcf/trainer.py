@@ -1,0 +1,374 @@
+"""The one training loop: epochs of any model family, records, early stopping, the NaN guard, the
+watchdog, checkpoints and resume, the mesh, and the export.
+
+:func:`fit` trains a config on a dataset. With a ``workdir`` it writes ``config.yaml``, ``data.json``,
+``metrics.jsonl`` after every epoch, checkpoints, and ``model/`` at the end, and it can ``resume``
+(bitwise: a family's epoch is a pure function of its state and the epoch number, and everything
+host-side is checkpointed). Without one it trains in memory (the Python API). Either way the loop is
+the same: for each epoch the family runs it (``jaxcf.family``), the record is checked (a NaN or
+absurd loss, parameter or metric stops the run with ``TrainingDiverged``: nothing is exported and the
+last good checkpoint stays), early stopping watches the monitored metric and keeps the best
+parameters, and the closing record is the exported model's, scored as a loaded model scores it
+(``"final": true``, with ranking metrics).
+
+What does not live here: the families (``jaxcf.sgd``, ``jaxcf.members``, ``jaxcf.gibbs``), workdir
+plumbing (``jaxcf.workdir``), formats (``jaxcf.checkpoint``, ``jaxcf.export``), the CLI (``jaxcf.train``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcf import checkpoint, distributed, export, gibbs, members, processes, sgd
+from jaxcf import workdir as wd
+from jaxcf.config import Config, dump, to_dict
+from jaxcf.data import Dataset
+from jaxcf.data import load as load_dataset
+from jaxcf.errors import JaxcfError, WorkdirError
+from jaxcf.family import Family, family_name
+from jaxcf.fileio import atomic_write_text, strict_json
+
+
+@dataclasses.dataclass
+class Progress:
+    """Host-side state that must survive a resume besides the device state."""
+
+    epoch: int = 0  # epochs completed
+    history: list = dataclasses.field(default_factory=list)
+    best_epoch: int = 0  # the epoch with the lowest monitored metric so far (early stopping)
+    best_value: float | None = None
+    stopped_early: bool = False
+    carry: dict = dataclasses.field(default_factory=dict)  # the family's host-side state
+    # The parameters of best_epoch, kept only when early stopping is on (a device copy: the live
+    # state is donated to the next epoch). Saved in checkpoints beside the state, not in JSON.
+    best_params: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict:
+        return strict_json({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                               if f.name != "best_params"})
+
+
+class Interrupted(JaxcfError):
+    """SIGINT or SIGTERM arrived; the state after the last finished epoch was checkpointed."""
+
+    def __init__(self, epoch: int, workdir: Path, signal_number: int):
+        self.exit_status = 128 + signal_number
+        super().__init__(
+            f"interrupted: saved a checkpoint after epoch {epoch} in {workdir}; "
+            f"continue with --workdir {workdir} --resume"
+        )
+
+
+@dataclasses.dataclass
+class Trained:
+    """A finished run: what the export holds.
+
+    Attributes:
+      params: host tables (float32[rows, d], or float32[K, rows, d] for an ensemble).
+      model_info: the export's ``model`` section (kind, sizes, y_range, members).
+      history: every epoch's record; the last is the exported model's (``"final": true``).
+      config, dataset: what it was trained with.
+    """
+
+    params: dict[str, np.ndarray]
+    model_info: dict
+    history: list[dict]
+    config: Config
+    dataset: Dataset
+
+    def export(self) -> export.Export:
+        """The in-memory export (what ``model/`` holds), for ``jaxcf.inference.Model``."""
+        return export.build(**export_arguments(self))
+
+
+def build_family(config: Config, dataset: Dataset, layout=None, orders: Callable | None = None) -> Family:
+    """The family that trains ``config`` (``jaxcf.family.family_name``)."""
+    name = family_name(config)
+    if name == "gibbs":
+        return gibbs.family(config, dataset, layout)
+    setup = sgd.make_setup(config, dataset)
+    if name == "members":
+        return members.family(setup, members.seed_members(config), layout)
+    return sgd.family(setup, layout, orders)
+
+
+def train(
+    family: Family,
+    config: Config,
+    state: Any,
+    progress: Progress | None = None,
+    *,
+    on_epoch: Callable[[Any, Progress, dict], None] | None = None,
+    show_progress: bool = False,
+    watchdog: wd.Watchdog | None = None,
+) -> tuple[Any, Progress]:
+    """Runs ``family``'s epochs from ``progress.epoch`` to ``config.train.epochs``.
+
+    Args:
+      family: from :func:`build_family` (or any :class:`jaxcf.family.Family`).
+      config: ``train.epochs`` and ``train.early_stopping_patience`` are read here.
+      state: the starting state (placed).
+      progress: host-side progress of a resumed run.
+      on_epoch: called after each epoch with the new state, progress and record.
+      show_progress: a tqdm bar over epochs on stderr.
+      watchdog: armed around each epoch.
+
+    Returns:
+      (final state, progress).
+
+    Raises:
+      TrainingDiverged: from the family's record; that epoch's state is dropped.
+    """
+    from tqdm.auto import tqdm
+
+    progress = progress or Progress()
+    patience = config.train.early_stopping_patience
+    watchdog = watchdog or wd.Watchdog(0)
+    bar = tqdm(total=config.train.epochs, initial=progress.epoch, disable=not show_progress,
+               desc=family.name, unit="epoch", leave=False, file=sys.stderr)
+    for epoch in range(progress.epoch, config.train.epochs):
+        if progress.stopped_early:
+            break
+        watchdog.arm(f"epoch {epoch + 1}")
+        start = time.perf_counter()
+        state, losses = family.epoch(state, epoch)
+        train_seconds = time.perf_counter() - start
+        record, carry = family.record(state, epoch, losses, progress.carry)
+        watchdog.disarm()
+        record["train_seconds"] = train_seconds
+        record["seconds"] = time.perf_counter() - start
+        value = record[family.monitor]
+        improved = progress.best_value is None or value < progress.best_value
+        best_epoch = epoch + 1 if improved else progress.best_epoch
+        progress = Progress(
+            epoch=epoch + 1,
+            history=[*progress.history, record],
+            best_epoch=best_epoch,
+            best_value=value if improved else progress.best_value,
+            stopped_early=bool(patience) and epoch + 1 - best_epoch >= patience,
+            carry=carry,
+            best_params=(jax.tree.map(jnp.copy, family.params(state)) if patience and improved
+                         else progress.best_params),
+        )
+        bar.update(1)
+        bar.set_postfix({family.monitor: f"{value:.4f}"})
+        if on_epoch is not None:
+            on_epoch(state, progress, record)
+    bar.close()
+    return state, progress
+
+
+def _params_row_axes(tree: Any) -> Any:
+    """Row axes of model tables: ``[rows, d]`` or ``[K, rows, d]``."""
+    return jax.tree.map(lambda x: len(x.shape) - 2 if len(x.shape) >= 2 else None, tree)
+
+
+def _host_params(family: Family, params: Any, layout) -> dict[str, np.ndarray]:
+    if layout is None:
+        return {name: np.asarray(table, np.float32) for name, table in jax.device_get(params).items()}
+    logical = jax.eval_shape(lambda: family.params(family.init()))
+    return distributed.to_host(params, logical, _params_row_axes)
+
+
+def _checkpoint_tree(state: Any, best_params: Any, family: Family, config: Config) -> dict:
+    tree = {"train": state}
+    if config.train.early_stopping_patience:
+        tree["best_params"] = best_params if best_params is not None else family.params(state)
+    return tree
+
+
+def _checkpoint_axes(tree: dict, family: Family) -> dict:
+    """The row axis of every leaf of a checkpoint tree (for restoring under another mesh)."""
+    axes = {"train": family.row_axes(tree["train"])}
+    if "best_params" in tree:
+        axes["best_params"] = _params_row_axes(tree["best_params"])
+    return axes
+
+
+def _close(family: Family, config: Config, dataset: Dataset, progress: Progress, params: dict) -> list[dict]:
+    """The history with its closing record: the exported epoch's record completed with the exported
+    model's metrics, scored as a loader scores it."""
+    exported_epoch = progress.best_epoch if progress.best_params is not None else progress.epoch
+    history = progress.history
+    exported = next(r for r in reversed(history) if r["epoch"] == exported_epoch)
+    final = {**exported, "final": True, **family.final(params)}
+    if family.model_info.get("ensemble_size"):
+        final["members"] = family.model_info["ensemble_size"]
+    return [*history[:-1], final] if exported is history[-1] else [*history, final]
+
+
+def export_arguments(trained: Trained) -> dict:
+    dataset, config = trained.dataset, trained.config
+    ratings = dataset.ratings
+    exported = trained.history[-1]["epoch"] if trained.history else 0
+    return {
+        "params": trained.params,
+        "user_ids": ratings.user_ids.raw,
+        "item_ids": ratings.item_ids.raw,
+        "train_users": ratings.users[dataset.split.train],
+        "train_items": ratings.items[dataset.split.train],
+        "config": to_dict(config),
+        "model_info": {**trained.model_info, "epoch": exported},
+        "data_info": dataset.fingerprint(),
+        "metrics": trained.history,
+        "titles": dataset.titles,
+    }
+
+
+def fit(
+    config: Config,
+    dataset: Dataset | None = None,
+    *,
+    workdir: Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    out=None,
+    orders: Callable | None = None,
+    progress_bar: bool | None = None,
+) -> Trained:
+    """Trains ``config`` (on ``dataset``, else the one its ``data`` section names).
+
+    Args:
+      workdir: where to write the run (None: in memory, no checkpoints, nothing written).
+      resume: continue the run in ``workdir`` from its newest checkpoint.
+      quiet: no progress bar.
+      out: where the per-epoch table goes (default stdout; ``os.devnull`` to silence).
+      orders: ``epoch -> positions`` overriding the seeded shuffle (single models; the parity suite).
+      progress_bar: draw the progress bar (None: only on a terminal; never when ``quiet``).
+
+    Returns:
+      :class:`Trained`.
+
+    Raises:
+      ConfigError, DataError, WorkdirError, CheckpointError: before anything is written (or, for a
+        checkpoint that cannot be written, with the previous ones intact).
+      TrainingDiverged: the last good checkpoint is kept, nothing is exported.
+      Interrupted: on SIGINT/SIGTERM, after checkpointing the last finished epoch.
+    """
+    out = out if out is not None else sys.stdout
+    processes.initialize(config.distributed)  # a no-op unless several processes are configured
+    layout = distributed.make_layout(config)  # None for one device: nothing below changes for it
+    primary = layout is None or layout.is_primary  # of several processes, process 0 writes the files
+    if not primary:
+        out = open(os.devnull, "w")  # closed when the process ends
+    if workdir is not None:
+        wd.check(Path(workdir), resume, config)
+    dataset = dataset if dataset is not None else load_dataset(config.data, config.seed)
+    if resume:
+        wd.check_data(Path(workdir), dataset.fingerprint())
+    family = build_family(config, dataset, layout, orders)
+
+    def place(init):
+        return init() if layout is None else layout.init(init, family.row_axes)
+
+    show = not quiet and (sys.stderr.isatty() if progress_bar is None else progress_bar)
+    if workdir is None:
+        with wd.Watchdog(config.train.stall_seconds) as watchdog:
+            state, progress = train(family, config, place(family.init), show_progress=show, watchdog=watchdog)
+        return _finish(family, config, dataset, state, progress, layout)
+
+    workdir = Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WorkdirError(f"--workdir {workdir}: cannot create it ({err.strerror}); choose another folder") from None
+    if layout is not None:
+        layout.sync("jaxcf-workdir-checked")  # every process has checked the workdir before process 0 writes
+    lock = wd.lock(workdir) if primary else contextlib.nullcontext()
+    with lock, wd.StopFlag() as stop, wd.Watchdog(config.train.stall_seconds) as watchdog:
+        if primary:
+            wd.check(workdir, resume, config)  # again, now that no other process can start here
+            atomic_write_text(workdir / "config.yaml", dump(config))
+            wd.write_data(workdir, dataset.fingerprint())
+        state, progress = None, Progress()
+        with checkpoint.manager(workdir, keep=config.checkpoint.keep) as mngr:
+            latest = None
+            if resume:
+                latest, removed = checkpoint.latest_sealed(mngr)
+                for epoch in removed:
+                    print(f"skipped the unsealed checkpoint of epoch {epoch} (its save was cut short)", file=out)
+            if latest is not None:
+                template = place(family.init)
+                target = _checkpoint_tree(template, family.params(template), family, config)
+                tree, saved = checkpoint.restore(mngr, latest, target, _checkpoint_axes(target, family))
+                del template
+                state = tree["train"]
+                progress = Progress(**saved, best_params=tree.get("best_params"))
+                if progress.epoch > config.train.epochs:
+                    raise WorkdirError(
+                        f"--resume: the run in {workdir} has done {progress.epoch} epochs, more than "
+                        f"train.epochs={config.train.epochs}; set train.epochs >= {progress.epoch} to continue it"
+                    )
+                print(f"resumed from epoch {progress.epoch} in {workdir}", file=out)
+            elif resume:
+                print(f"no checkpoint yet in {workdir}; starting from the beginning", file=out)
+            if state is None:
+                state = place(family.init)
+            print(wd.HEADER, file=out)
+            for record in progress.history:
+                print(wd.format_row(record), file=out)
+
+            def on_epoch(state, progress, record):
+                print(wd.format_row(record), file=out, flush=True)
+                if primary:
+                    wd.write_metrics(workdir, progress.history)
+                every = config.checkpoint.every_epochs
+                last = progress.epoch == config.train.epochs or progress.stopped_early
+                if last or stop.raised or (every and progress.epoch % every == 0):
+                    tree = _checkpoint_tree(state, progress.best_params, family, config)
+                    checkpoint.save(mngr, progress.epoch, tree, progress.to_json())
+                if stop.raised and not last:
+                    raise Interrupted(progress.epoch, workdir, stop.signal_number)
+
+            state, progress = train(family, config, state, progress, on_epoch=on_epoch, show_progress=show,
+                                    watchdog=watchdog)
+        trained = _finish(family, config, dataset, state, progress, layout)
+        if primary:
+            wd.write_metrics(workdir, trained.history)
+            export.write(workdir, **export_arguments(trained))
+    return trained
+
+
+def restore_checkpoint(workdir: Path, epoch: int | None = None) -> tuple[Any, Progress]:
+    """The training state and progress saved after ``epoch`` (default: the newest sealed one) of the run
+    in ``workdir``, on one device: for inspecting a run from Python.
+
+    Raises:
+      WorkdirError: no run or no such checkpoint; CheckpointError: a damaged one.
+    """
+    from jaxcf.config import load
+
+    workdir = Path(workdir)
+    if not (workdir / "config.yaml").is_file():
+        raise WorkdirError(f"{workdir} holds no run (no config.yaml)")
+    config = load(workdir / "config.yaml", ["mesh.data=1", "mesh.model=1", "distributed.num_processes=1"])
+    dataset = load_dataset(config.data, config.seed)
+    family = build_family(config, dataset)
+    with checkpoint.manager(workdir, keep=config.checkpoint.keep) as mngr:
+        epoch = mngr.latest_step() if epoch is None else epoch
+        if epoch is None or epoch not in mngr.all_steps():
+            raise WorkdirError(f"no checkpoint for epoch {epoch} in {workdir}")
+        template = family.init()
+        target = _checkpoint_tree(template, family.params(template), family, config)
+        tree, saved = checkpoint.restore(mngr, epoch, target, _checkpoint_axes(target, family))
+    return tree["train"], Progress(**saved, best_params=tree.get("best_params"))
+
+
+def _finish(family: Family, config: Config, dataset: Dataset, state: Any, progress: Progress, layout) -> Trained:
+    """Host copies of the exported parameters (the best epoch's under early stopping) and the closing record."""
+    params = progress.best_params if progress.best_params is not None else family.params(state)
+    host = _host_params(family, params, layout)
+    progress.best_params = host if progress.best_params is not None else None
+    history = _close(family, config, dataset, progress, host) if progress.history else []
+    return Trained(host, dict(family.model_info), history, config, dataset)

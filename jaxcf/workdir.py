@@ -1,0 +1,286 @@
+"""A run's folder and its plumbing: checks, the lock, signals, the watchdog, metrics.jsonl, the table.
+
+``WORKDIR`` holds ``config.yaml`` (the resolved config), ``data.json`` (what identifies the data:
+source, sha256, sizes, split), ``metrics.jsonl`` (one strict-JSON record per epoch), ``checkpoints/``
+and, once the run ends, ``model/``. A resume must find the same config (but for the keys that may
+change) and the same data; the refusal names what changed.
+
+What does not live here: the loop (``jaxcf.trainer``), checkpoint and export formats
+(``jaxcf.checkpoint``, ``jaxcf.export``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import faulthandler
+import fcntl
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from jaxcf.config import Config, ConfigError, load, to_dict
+from jaxcf.errors import WorkdirError
+from jaxcf.fileio import atomic_write_text, strict_json
+
+RUN_FILES = ("config.yaml", "data.json", "metrics.jsonl", "checkpoints")
+# Keys a resume may change: how long to train, how often to save, where to run, the watchdog.
+RESUMABLE = ("train.epochs", "train.stall_seconds", "checkpoint", "mesh", "distributed")
+
+
+def default_workdir(config_name: str | None) -> Path:
+    stem = Path(config_name).stem if config_name else "run"
+    return Path("runs") / f"{stem}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
+
+
+def has_run(workdir: Path) -> bool:
+    return any((workdir / name).exists() for name in RUN_FILES)
+
+
+def _flatten(raw: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(raw, dict):
+        out = {}
+        for key, value in raw.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): raw}
+
+
+def changed_keys(saved: Config, config: Config) -> list[str]:
+    """The dotted keys whose values differ, leaving out those a resume may change."""
+    old, new = _flatten(to_dict(saved)), _flatten(to_dict(config))
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if old.get(k) != new.get(k)
+            and not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
+
+
+def check(workdir: Path, resume: bool, config: Config) -> None:
+    """Refuses a workdir that cannot be used as asked, before anything is written.
+
+    Raises:
+      WorkdirError: naming what is wrong and what to do.
+    """
+    if str(workdir) in ("", "."):
+        raise WorkdirError("--workdir: give a folder for the run's outputs (an empty path would write into the "
+                           "current directory)")
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir}: exists and is not a directory; choose another path")
+    if resume:
+        if not (workdir / "config.yaml").is_file():
+            raise WorkdirError(f"--resume: {workdir} holds no run to continue; train without --resume to start one")
+        try:
+            saved = load(workdir / "config.yaml")
+        except ConfigError as err:
+            raise WorkdirError(f"--resume: the saved config cannot be read ({err})") from None
+        changed = changed_keys(saved, config)
+        if saved.train.epochs != config.train.epochs and (
+            saved.optim.schedule != "constant" or saved.ensemble.method == "gibbs"
+        ):
+            why = "its learning-rate schedule" if saved.optim.schedule != "constant" else "which sweeps it keeps"
+            raise WorkdirError(
+                f"--resume: train.epochs is {config.train.epochs} but the run in {workdir} used "
+                f"{saved.train.epochs}, and {why} depends on it; resume with train.epochs={saved.train.epochs}"
+            )
+        if changed:
+            old, new = _flatten(to_dict(saved)), _flatten(to_dict(config))
+            first = changed[0]
+            more = f" (and {len(changed) - 1} more: {', '.join(changed[1:4])})" if len(changed) > 1 else ""
+            raise WorkdirError(
+                f"--resume: {first} is {new.get(first)!r} but the run in {workdir} used {old.get(first)!r}{more}; "
+                f"only {', '.join(RESUMABLE)} may change; pass --config {workdir / 'config.yaml'}"
+            )
+    elif workdir.exists() and has_run(workdir):
+        raise WorkdirError(
+            f"workdir {workdir} already holds a run; pass --resume to continue it, or choose a new --workdir"
+        )
+    probe = workdir if workdir.exists() else next((p for p in workdir.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise WorkdirError(f"--workdir {workdir}: {probe} is not writable; choose a folder you can write to")
+
+
+def check_data(workdir: Path, fingerprint: dict) -> None:
+    """On resume: the data must be the data the run started on.
+
+    Raises:
+      WorkdirError: naming what changed (checksum, sizes, split).
+    """
+    path = workdir / "data.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WorkdirError(f"--resume: {path} is missing, so the data cannot be checked; start a new run") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise WorkdirError(f"--resume: {path} is unreadable; start a new run") from None
+    for key in ("sha256", "num_ratings", "num_users", "num_items", "split", "num_train", "num_valid"):
+        if saved.get(key) != fingerprint.get(key):
+            what = "checksum" if key == "sha256" else key
+            raise WorkdirError(
+                f"--resume: the data changed since the run started ({what} {str(saved.get(key))[:16]} -> "
+                f"{str(fingerprint.get(key))[:16]}, source {fingerprint.get('source')}); a resumed run must train on "
+                "the same data: restore the file, or start a new run"
+            )
+
+
+def write_data(workdir: Path, fingerprint: dict) -> None:
+    atomic_write_text(workdir / "data.json", json.dumps(fingerprint, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def lock(workdir: Path):
+    """An exclusive lock on WORKDIR/.lock, held while a process trains there.
+
+    ``flock`` is released by the kernel when the process dies, so a killed run never leaves a
+    stale lock behind.
+
+    Raises:
+      WorkdirError: when another process holds it.
+    """
+    try:
+        handle = open(workdir / ".lock", "a+")
+    except OSError as err:
+        raise WorkdirError(f"--workdir {workdir}: cannot write there ({err.strerror}); choose another folder") from None
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkdirError(
+                f"workdir {workdir} is in use by another training process; wait for it or choose another --workdir"
+            ) from None
+        yield
+    finally:
+        handle.close()
+
+
+# --------------------------------------------------------------------------------- records
+
+
+def dumps(record: dict) -> str:
+    return json.dumps(strict_json(record), allow_nan=False)
+
+
+def write_metrics(workdir: Path, history: list[dict]) -> None:
+    atomic_write_text(workdir / "metrics.jsonl", "".join(dumps(r) + "\n" for r in history))
+
+
+HEADER = "epoch  train_loss  valid_mse  valid_rmse  seconds"
+
+
+def format_row(record: dict) -> str:
+    return (
+        f"{record['epoch']:>5d}  {record['train_loss']:>10.6f}  {record['valid_mse']:>9.6f}  "
+        f"{record['valid_rmse']:>10.6f}  {record['seconds']:>7.2f}"
+    )
+
+
+# --------------------------------------------------------------------------------- signals
+
+
+class StopFlag:
+    """Turns the first SIGINT or SIGTERM into a flag checked between epochs; a second one aborts at once.
+
+    ``signal_number`` is the signal that raised it (the CLI exits with 128 + it: 130, 143).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def raised(self) -> bool:
+        return self.signal_number is not None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.raised:
+            raise KeyboardInterrupt
+        self.signal_number = signum
+
+    def __exit__(self, *exc):
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous.clear()
+
+
+# --------------------------------------------------------------------------------- watchdog
+
+STALL_EXIT = 3
+
+
+class Watchdog:
+    """Ends a run whose epoch makes no progress, instead of letting it wait forever.
+
+    :meth:`arm` before each epoch starts a deadline of ``max(seconds, 10 x the slowest epoch so
+    far)``; :meth:`disarm` after it cancels it. When a deadline passes, a thread of its own writes one
+    line to stderr saying so, dumps every thread's Python stack (``faulthandler``) and ends the
+    process with exit status 3. It works while the main thread is blocked in native code (a hung
+    kernel), because that releases the GIL. ``seconds = 0`` turns it off.
+    """
+
+    def __init__(self, seconds: float, what: str = "epoch", stream=None):
+        self.seconds = seconds
+        self.what = what
+        self.stream = stream if stream is not None else sys.stderr
+        self.slowest = 0.0
+        self._deadline: float | None = None
+        self._label = ""
+        self._started = 0.0
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self):
+        if self.seconds > 0:
+            self._thread = threading.Thread(target=self._watch, name="jaxcf-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._closed = True
+        self._wake.set()
+
+    def arm(self, label: str) -> None:
+        self._label = label
+        self._started = time.monotonic()
+        self._deadline = self._started + max(self.seconds, 10 * self.slowest)
+        self._wake.set()
+
+    def disarm(self) -> None:
+        if self._deadline is not None:
+            self.slowest = max(self.slowest, time.monotonic() - self._started)
+        self._deadline = None
+
+    def _watch(self) -> None:
+        while not self._closed:
+            deadline = self._deadline
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._wake.wait(timeout=wait)
+            self._wake.clear()
+            if self._closed:
+                return
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() >= deadline:
+                waited = time.monotonic() - self._started
+                print(
+                    f"error: {self._label} made no progress for {waited:.0f} s (train.stall_seconds "
+                    f"{self.seconds:g}); stopping: every thread's stack follows; the last checkpoint is kept, "
+                    "continue with --resume",
+                    file=self.stream, flush=True,
+                )
+                try:
+                    faulthandler.dump_traceback(file=self.stream, all_threads=True)
+                except (ValueError, OSError):  # a stream without a file descriptor
+                    faulthandler.dump_traceback(all_threads=True)
+                self.stream.flush()
+                os._exit(STALL_EXIT)
