@@ -289,8 +289,9 @@ def fit(
     with lock, wd.StopFlag() as stop, wd.Watchdog(config.train.stall_seconds) as watchdog:
         if primary:
             wd.check(workdir, resume, config)  # again, now that no other process can start here
-            atomic_write_text(workdir / "config.yaml", dump(config))
-            wd.write_data(workdir, dataset.fingerprint())
+            with wd.writing(workdir, "the run's config"):
+                atomic_write_text(workdir / "config.yaml", dump(config))
+                wd.write_data(workdir, dataset.fingerprint())
         state, progress = None, Progress()
         with checkpoint.manager(workdir, keep=config.checkpoint.keep) as mngr:
             latest = None
@@ -322,7 +323,8 @@ def fit(
             def on_epoch(state, progress, record):
                 print(wd.format_row(record), file=out, flush=True)
                 if primary:
-                    wd.write_metrics(workdir, progress.history)
+                    with wd.writing(workdir, "metrics.jsonl"):
+                        wd.write_metrics(workdir, progress.history)
                 every = config.checkpoint.every_epochs
                 last = progress.epoch == config.train.epochs or progress.stopped_early
                 if last or stop.raised or (every and progress.epoch % every == 0):
@@ -335,8 +337,9 @@ def fit(
                                     watchdog=watchdog)
         trained = _finish(family, config, dataset, state, progress, layout)
         if primary:
-            wd.write_metrics(workdir, trained.history)
-            export.write(workdir, **export_arguments(trained))
+            with wd.writing(workdir, "the model export (the previous one, if any, is intact)"):
+                wd.write_metrics(workdir, trained.history)
+                export.write(workdir, **export_arguments(trained))
     return trained
 
 

@@ -131,6 +131,23 @@ def write_data(workdir: Path, fingerprint: dict) -> None:
 
 
 @contextlib.contextmanager
+def writing(workdir: Path, what: str):
+    """Turns a failed write (a full disk, permissions) into one line naming what and what to do.
+
+    Raises:
+      WorkdirError: from the OSError of the block.
+    """
+    try:
+        yield
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise WorkdirError(
+            f"cannot write {what} in {workdir} ({reason}); free space or fix permissions, then continue with "
+            f"--workdir {workdir} --resume (the last checkpoint is kept)"
+        ) from None
+
+
+@contextlib.contextmanager
 def lock(workdir: Path):
     """An exclusive lock on WORKDIR/.lock, held while a process trains there.
 
