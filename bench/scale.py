@@ -170,6 +170,9 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
 
     config = OptimConfig(name=args.optimizer, learning_rate=args.learning_rate, weight_decay=args.weight_decay)
     optimizer = optim.build(config, args.epochs)
+    if args.dense_rows_per_id is not None:
+        optimizer = optimizer._replace(dense_rows_per_id=args.dense_rows_per_id)
+    record["dense_rows_per_id"] = optimizer.dense_rows_per_id
     model = models.build("bias", num_users, num_items, args.n_factors, y_range)
     params = models.init_params(model, jax.random.key(args.seed))
     state = steps.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
@@ -305,6 +308,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n-factors", type=positive_int, default=50)
     parser.add_argument("--dense-chunk", type=int, default=None,
                         help="ratings per chunk of a dense row-sparse step (default jaxcf.steps.DENSE_CHUNK; 0: none)")
+    parser.add_argument("--dense-rows-per-id", type=float, default=None,
+                        help="jaxcf.sparse.RowSparse.dense_rows_per_id (default: the optimizer's; 0: every table "
+                             "row-wise, inf: every table dense)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--csv-dir", default=os.path.join(tempfile.gettempdir(), "jaxcf-bench-scale"),
                         help="where the synthetic CSVs are written once and reused")
@@ -328,6 +334,8 @@ def main(argv=None) -> int:
                      "--optimizer", args.optimizer, "--learning-rate", str(args.learning_rate),
                      "--weight-decay", str(args.weight_decay), "--n-factors", str(args.n_factors),
                      "--seed", str(args.seed), "--csv-dir", args.csv_dir]
+            if args.dense_rows_per_id is not None:
+                child += ["--dense-rows-per-id", str(args.dense_rows_per_id)]
             if args.dense_chunk is not None:
                 child += ["--dense-chunk", str(args.dense_chunk)]
             done = subprocess.run(child)

@@ -12,7 +12,10 @@ What is timed, each at least ``--repeats`` times (medians reported):
   worker, forward, backward, ``optim.step()`` per batch, then its validation), on CUDA when
   PyTorch sees a GPU, else on the CPU.
 - ``torch_workers0_epoch_s``: the same with the batches loaded in the main process
-  (``num_workers=0``), the faster setting on a 2-core machine; ``speedup_vs_workers0`` compares to it.
+  (``num_workers=0``); ``torch_1thread_epoch_s`` and ``torch_workers0_1thread_epoch_s``: both again
+  with PyTorch on one intra-op thread (``torch.set_num_threads(1)``, ``OMP_NUM_THREADS=1``) instead
+  of its default (one per core). ``speedup`` is against the fastest of the four settings;
+  ``speedups`` lists each.
 - ``jax_epoch_s``: one epoch of ``jaxcf.trainer.fit`` (one compiled ``lax.scan`` over the epoch, one host
   sync, then the validation and the metrics), epochs after the first; on JAX's default backend.
 - ``*_train_s``: the same without the validation (jaxcf's own ``train_seconds``; for torch, the epoch
@@ -89,10 +92,12 @@ def time_jaxcf(repeats: int) -> dict:
     }
 
 
-def time_torch(repeats: int, num_workers: int = 1) -> dict:
+def time_torch(repeats: int, num_workers: int = 1, threads: int | None = None) -> dict:
     import torch
     import torch.nn as nn
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     from reference_torch import notebook as nb
     from reference_torch.train import build_model, build_optimizer
 
@@ -161,20 +166,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip-cli", action="store_true", help="only the in-process epoch timings")
     parser.add_argument("--json", type=Path, help="write the results here")
     # internal: one side, timed in a child process
-    parser.add_argument("--side", choices=("jax", "torch", "torch-workers0"), help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=("jax", *TORCH_SETTINGS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     return args
 
 
+# PyTorch settings timed: (DataLoader workers, intra-op threads; None = PyTorch's default, one per core).
+TORCH_SETTINGS = {
+    "torch": (1, None),
+    "torch-workers0": (0, None),
+    "torch-1thread": (1, 1),
+    "torch-workers0-1thread": (0, 1),
+}
+
+
 def run_side(side: str, repeats: int) -> dict:
     """Times one side in a fresh process: PyTorch's DataLoader forks a worker, which must not
     happen in a process that has JAX's threads running; and neither side warms the other's caches."""
+    env = dict(os.environ)
+    if TORCH_SETTINGS.get(side, (None, None))[1] == 1:
+        env["OMP_NUM_THREADS"] = "1"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "side.json"
         cmd = [sys.executable, __file__, "--side", side, "--repeats", str(repeats), "--json", str(out)]
-        done = subprocess.run(cmd, cwd=ROOT)
+        done = subprocess.run(cmd, cwd=ROOT, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"timing the {side} side failed (exit {done.returncode})")
         return json.loads(out.read_text())
@@ -185,23 +202,29 @@ def main(argv=None) -> int:
     if args.side is not None:
         if args.side == "jax":
             timed = time_jaxcf(args.repeats)
-        elif args.side == "torch":
-            timed = time_torch(args.repeats)
-        else:  # the same loop without the DataLoader worker process: keys prefixed torch_workers0_
-            timed = {k.replace("torch_", "torch_workers0_", 1): v for k, v in time_torch(args.repeats, 0).items()}
+        else:  # keys prefixed with the setting: torch_, torch_workers0_, torch_1thread_, ...
+            workers, threads = TORCH_SETTINGS[args.side]
+            prefix = args.side.replace("-", "_") + "_"
+            timed = {k.replace("torch_", prefix, 1): v for k, v in time_torch(args.repeats, workers, threads).items()}
         args.json.write_text(json.dumps(timed))
         return 0
     result = {"benchmark": "vs_torch", "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "repeats": args.repeats, "load_average_before": machine.load_average()}
     print("timing jaxcf epochs ...", file=sys.stderr, flush=True)
     result.update(run_side("jax", args.repeats))
-    print("timing reference_torch epochs ...", file=sys.stderr, flush=True)
-    result.update(run_side("torch", args.repeats))
-    print("timing reference_torch epochs, batches loaded in the main process ...", file=sys.stderr, flush=True)
-    result.update(run_side("torch-workers0", args.repeats))
-    result["speedup"] = result["torch_epoch_s"] / result["jax_epoch_s"]
+    for side, (workers, threads) in TORCH_SETTINGS.items():
+        print(f"timing reference_torch epochs: {workers} DataLoader worker(s), "
+              f"{threads or 'default'} thread(s) ...", file=sys.stderr, flush=True)
+        result.update(run_side(side, args.repeats))
+    epochs = {side: result[side.replace("-", "_") + "_epoch_s"] for side in TORCH_SETTINGS}
+    fastest = min(epochs, key=epochs.get)
+    result["torch_fastest_setting"] = fastest
+    result["torch_fastest_epoch_s"] = epochs[fastest]
+    result["speedups"] = {side: value / result["jax_epoch_s"] for side, value in epochs.items()}
+    result["speedup"] = epochs[fastest] / result["jax_epoch_s"]  # against PyTorch at its best setting here
     result["speedup_vs_workers0"] = result["torch_workers0_epoch_s"] / result["jax_epoch_s"]
-    result["speedup_train_only"] = result["torch_train_s"] / result["jax_train_s"]
+    fastest_train = result[fastest.replace("-", "_") + "_train_s"]
+    result["speedup_train_only"] = fastest_train / result["jax_train_s"]
     if not args.skip_cli:
         print("timing the two CLIs ...", file=sys.stderr, flush=True)
         jax_times, jax_peak = time_cli(JAX_CLI, args.repeats, workdir_flag=True)
@@ -215,12 +238,12 @@ def main(argv=None) -> int:
     result["load_average_after"] = machine.load_average()
     result["machine"] = machine.describe("jax", "jaxlib", "flax", "optax", "torch", "numpy")
 
-    print(f"torch epoch {result['torch_epoch_s']:.3f} s ({result['torch_device']}), "
-          f"jaxcf epoch {result['jax_epoch_s']:.3f} s ({result['jax_device']}): {result['speedup']:.1f}x "
-          f"(training only: {result['torch_train_s']:.3f} vs {result['jax_train_s']:.3f} s, "
-          f"{result['speedup_train_only']:.1f}x); jaxcf compile {result['compile_s']:.2f} s")
-    print(f"torch epoch without the DataLoader worker {result['torch_workers0_epoch_s']:.3f} s: "
-          f"{result['speedup_vs_workers0']:.1f}x")
+    for side in TORCH_SETTINGS:
+        print(f"  {side:<24} {epochs[side]:.3f} s per epoch ({result['speedups'][side]:.1f}x)")
+    print(f"torch at its fastest setting here ({fastest}) {result['torch_fastest_epoch_s']:.3f} s per epoch "
+          f"({result['torch_device']}), jaxcf {result['jax_epoch_s']:.3f} s ({result['jax_device']}): "
+          f"{result['speedup']:.1f}x (training only {result['speedup_train_only']:.1f}x); "
+          f"jaxcf compile {result['compile_s']:.2f} s")
     if "jax_cli_s" in result:
         print(f"CLI, 5 epochs: torch {result['torch_cli_s']:.1f} s, jaxcf {result['jax_cli_s']:.1f} s "
               f"({result['cli_speedup']:.1f}x); jaxcf peak RSS {result['peak_rss_bytes'] / 1e6:.0f} MB")
