@@ -1,9 +1,10 @@
 """Top-k over the whole catalogue as compiled calls: unseen items for a block of users, cosine
 neighbours of an item, and what a user has already seen.
 
-Every item is scored at once (``jaxcf.models.score_block``), the user's training items are masked
-with one scatter, and ``lax.top_k`` picks the best; blocks are padded to powers of two so a handful
-of compiled shapes serves every request. An ensemble's similar items use :func:`member_summary`.
+Every item is scored at once (``jaxcf.models.score_block``), the items a user has seen are masked out
+(a ``bool[B, I]`` mask built on the host), and ``lax.top_k`` picks the best; blocks of users are
+padded to powers of two and ``k`` is rounded up to one, so a handful of compiled shapes serves every
+request. An ensemble's similar items use :func:`member_summary`.
 
 What does not live here: raw-id lookups and the fallback (``jaxcf.inference``, ``jaxcf.fallback``).
 """
@@ -23,20 +24,29 @@ from jaxcf.models import score_block
 
 
 @functools.partial(jax.jit, static_argnames=("k", "y_range"))
-def top_k_unseen(params, users, seen_rows, seen_items, k, y_range):
-    """Top-k items for a block of users, with each user's seen items masked out.
+def top_k_masked(params, users, excluded, k, y_range):
+    """Top-k items for a block of users, with the items of ``excluded`` left out.
 
     Args:
       users: int32[B] user indices.
-      seen_rows, seen_items: int32[S] (row in the block, item index) to mask, padded with
-        out-of-range rows that the scatter drops.
+      excluded: bool[B, I] items never returned to each user (e.g. those seen in training).
 
     Returns:
-      (float32[B, k] scores, int32[B, k] items); masked items score -inf.
+      (float32[B, k] scores, int32[B, k] items); excluded items score -inf (callers drop them).
     """
     scores = score_block(params, users, y_range)
-    scores = scores.at[seen_rows, seen_items].set(-jnp.inf, mode="drop")
-    return jax.lax.top_k(scores, k)
+    return jax.lax.top_k(jnp.where(excluded, -jnp.inf, scores), k)
+
+
+def top_k(params, users: np.ndarray, excluded: np.ndarray, k: int, y_range) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`top_k_masked` for any number of users and any ``k``: the block padded to a power of two and
+    ``k`` rounded up to one (few compiled shapes), the answer cut back. Returns host arrays."""
+    size, rows = bucket(max(1, len(users))), len(users)
+    wanted = min(bucket(max(1, k)), excluded.shape[1])
+    padded_users = np.pad(users.astype(np.int32), (0, size - rows))
+    padded_mask = np.pad(excluded, ((0, size - rows), (0, 0)))
+    scores, items = top_k_masked(params, padded_users, padded_mask, wanted, y_range)
+    return np.asarray(scores)[:rows, :k], np.asarray(items)[:rows, :k]
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -71,7 +81,7 @@ def unit_rows(table: np.ndarray) -> jax.Array:
 
 
 class SeenItems:
-    """The distinct items each user rated in training (CSR), and the masks of :func:`top_k_unseen`.
+    """The distinct items each user rated in training (CSR), and the masks of :func:`top_k_masked`.
 
     A rating repeated in the file is one item here.
     """
@@ -86,11 +96,9 @@ class SeenItems:
         """int32[m] distinct items of user ``user``."""
         return self.items[self.start[user] : self.start[user + 1]]
 
-    def mask(self, block: np.ndarray, padded_rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, items) to mask for the users of ``block``, padded to a power of two with row
-        ``padded_rows`` (out of range: dropped)."""
-        seen = [self.of(int(u)) for u in block]
-        rows = np.repeat(np.arange(len(block), dtype=np.int32), [len(s) for s in seen])
-        cols = np.concatenate(seen).astype(np.int32) if seen else np.zeros(0, np.int32)
-        size = bucket(max(1, len(rows)))
-        return np.pad(rows, (0, size - len(rows)), constant_values=padded_rows), np.pad(cols, (0, size - len(cols)))
+    def mask(self, block: np.ndarray, num_items: int) -> np.ndarray:
+        """bool[len(block), num_items]: the items each user of ``block`` has seen."""
+        out = np.zeros((len(block), num_items), bool)
+        for row, user in enumerate(block.tolist()):
+            out[row, self.of(user)] = True
+        return out

@@ -2,7 +2,8 @@
 
 Files in ``WORKDIR/model``: ``weights.safetensors`` (the tables, names as in ``jaxcf.models``; an
 ensemble's stacked along a leading member axis), ``ids.json`` (raw ids of every row, in index
-order), ``seen.safetensors`` (the training pairs, for "exclude seen" and the fallback), ``items.json``
+order), ``seen.safetensors`` (the training pairs and their ratings, for "exclude seen", the fallback
+and fold-in of known users), ``items.json``
 (titles, when known) and ``metadata.json`` (model, data, config, metrics, and every other file's size
 and sha256). No pickles anywhere: JSON and safetensors only.
 
@@ -64,6 +65,7 @@ class Export:
       user_ids, item_ids: raw ids [U], [I] (int64, or object of str), in index order.
       seen_users, seen_items: int32[n_train] indices of the training pairs.
       titles: list of (raw item id, title) pairs, or None.
+      seen_ratings: float32[n_train] the training pairs' ratings, or None when not stored.
     """
 
     path: Path | None
@@ -74,6 +76,7 @@ class Export:
     seen_users: np.ndarray
     seen_items: np.ndarray
     titles: list | None
+    seen_ratings: np.ndarray | None = None
 
     @property
     def model(self) -> dict:
@@ -101,6 +104,7 @@ def build(
     data_info: Mapping[str, Any],
     metrics: list[Mapping[str, Any]],
     titles: Mapping | None = None,
+    train_ratings: np.ndarray | None = None,
 ) -> Export:
     """An :class:`Export` from a trained model's parts, checked as the reader checks a folder.
 
@@ -111,6 +115,7 @@ def build(
       model_info: ``kind``, ``n_factors``, ``y_range``, ``num_users``, ``num_items``, ``epoch`` and, for
         an ensemble, ``ensemble_size`` and ``ensemble_method``.
       titles: raw item id -> title, when known.
+      train_ratings: float[n_train] the training pairs' ratings (kept for fold-in of known users).
 
     Raises:
       ModelError: parts that do not fit together (shapes, sizes) or non-finite weights.
@@ -129,8 +134,9 @@ def build(
         "config": dict(config),
         "metrics": list(metrics),
     }
+    ratings = None if train_ratings is None else np.asarray(train_ratings, np.float32)
     result = Export(None, metadata, weights, np.asarray(user_ids), np.asarray(item_ids),
-                    np.asarray(train_users, np.int32), np.asarray(train_items, np.int32), title_pairs)
+                    np.asarray(train_users, np.int32), np.asarray(train_items, np.int32), title_pairs, ratings)
     _check(result, "the model", _header(dict(model_info)))
     return result
 
@@ -139,7 +145,10 @@ def payloads(result: Export) -> dict[str, bytes]:
     """The bytes of every file of the export but ``metadata.json``."""
     files = {
         "weights.safetensors": safetensors.numpy.save(result.weights, metadata=_header(result.model)),
-        "seen.safetensors": safetensors.numpy.save({"users": result.seen_users, "items": result.seen_items}),
+        "seen.safetensors": safetensors.numpy.save({
+            "users": result.seen_users, "items": result.seen_items,
+            **({"ratings": result.seen_ratings} if result.seen_ratings is not None else {}),
+        }),
         "ids.json": json.dumps({"users": _json_ids(result.user_ids), "items": _json_ids(result.item_ids)}).encode(),
     }
     if result.titles:
@@ -294,7 +303,7 @@ def read(path: str | Path) -> Export:
     if "users" not in seen or "items" not in seen:
         raise ModelError(f"{where}: seen.safetensors needs 'users' and 'items' arrays; re-export the model")
     result = Export(folder, metadata, weights, _ids(ids["users"], where, "users"), _ids(ids["items"], where, "items"),
-                    seen["users"], seen["items"], titles)
+                    seen["users"], seen["items"], titles, seen.get("ratings"))
     _check(result, where, header)
     return dataclasses.replace(result, seen_users=result.seen_users.astype(np.int32),
                                seen_items=result.seen_items.astype(np.int32))
@@ -366,6 +375,10 @@ def _check(result: Export, where: str, header: Mapping[str, Any]) -> None:
         raise bad("seen.safetensors needs integer 'users' and 'items' arrays of one length")
     if len(users) and (users.min() < 0 or users.max() >= num_users or items.min() < 0 or items.max() >= num_items):
         raise bad("seen.safetensors holds indices outside the id tables")
+    ratings = result.seen_ratings
+    if ratings is not None and (ratings.shape != users.shape or ratings.dtype != np.float32
+                                or not np.all(np.isfinite(ratings))):
+        raise bad("seen.safetensors 'ratings' must be finite float32, one per training pair")
     if result.titles is not None and not (
         isinstance(result.titles, list)
         and all(isinstance(p, list) and len(p) == 2 and isinstance(p[1], str) for p in result.titles)

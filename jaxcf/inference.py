@@ -23,14 +23,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcf import catalogue, evaluate, export
+from jaxcf import catalogue, evaluate, export, foldin, foldin_export
 from jaxcf import fallback as policy
+from jaxcf.answers import Predictions, Ranking, as_list, check_k
 from jaxcf.data.ids import IdMap
 from jaxcf.errors import ModelError, UnknownIdError
 from jaxcf.export import Export
@@ -42,52 +43,6 @@ PREDICT_CHUNK = 65536
 # 256 users = 64 MB of float32).
 USERS_PER_CALL = 256
 FALLBACKS = policy.FALLBACKS
-
-
-class Predictions(NamedTuple):
-    """Predictions for (user, item) pairs of raw ids.
-
-    Attributes:
-      ratings: float32[n] predicted ratings (the fallback value where ``fallback`` is set).
-      fallback: bool[n] True where the user or the item is unknown (``jaxcf.fallback``).
-      user_known: bool[n].
-      item_known: bool[n].
-    """
-
-    ratings: np.ndarray
-    fallback: np.ndarray
-    user_known: np.ndarray
-    item_known: np.ndarray
-
-
-class Ranking(NamedTuple):
-    """A ranked list of raw ids, best first.
-
-    Attributes:
-      ids: [k] raw ids (items, or users for a user bias ranking).
-      titles: k titles, None where unknown (always None for users).
-      scores: float32[k] predicted ratings, cosine similarities or biases, as the method says.
-      fallback: True for a cold-start answer (unknown user in :meth:`Model.recommend`).
-    """
-
-    ids: np.ndarray
-    titles: list
-    scores: np.ndarray
-    fallback: bool = False
-
-
-def _as_list(values: Any) -> list:
-    """One raw id or a sequence of them, as a list (ids keep their Python types: no float coercion)."""
-    if isinstance(values, (str, bytes)) or np.ndim(values) == 0:
-        return [values.item() if isinstance(values, np.generic) else values]
-    return list(values.tolist() if hasattr(values, "tolist") else values)
-
-
-def check_k(k: Any) -> int:
-    """``k`` as an int; ValueError unless it is an integer >= 1."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be an integer >= 1; got {k!r}")
-    return int(k)
 
 
 class Model:
@@ -199,7 +154,7 @@ class Model:
         Raises:
           UnknownIdError: with ``strict`` when any id is unknown.
         """
-        return self._lookup(self.user_ids, _as_list(user_ids), "user", strict)
+        return self._lookup(self.user_ids, as_list(user_ids), "user", strict)
 
     def lookup_items(self, item_ids: Any, strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Raw item ids -> (int32[n] indices, -1 where unknown; bool[n] known).
@@ -207,7 +162,7 @@ class Model:
         Raises:
           UnknownIdError: with ``strict`` when any id is unknown.
         """
-        return self._lookup(self.item_ids, _as_list(item_ids), "item", strict)
+        return self._lookup(self.item_ids, as_list(item_ids), "item", strict)
 
     def _lookup(self, id_map: IdMap, raw: list, what: str, strict: bool, hint: str = ""):
         indices, known = id_map.lookup(raw)
@@ -240,7 +195,7 @@ class Model:
         """
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback={fallback!r}: choose one of {', '.join(FALLBACKS)}")
-        users_raw, items_raw = _as_list(user_ids), _as_list(item_ids)
+        users_raw, items_raw = as_list(user_ids), as_list(item_ids)
         if len(users_raw) == 1 and len(items_raw) != 1:
             users_raw = users_raw * len(items_raw)
         elif len(items_raw) == 1 and len(users_raw) != 1:
@@ -308,16 +263,9 @@ class Model:
         for start in range(0, len(known_positions), USERS_PER_CALL):
             block = known_positions[start : start + USERS_PER_CALL]
             block_users = users[block]
-            size = len(block_users)
-            padded = evaluate.bucket(size)
-            if exclude_seen:
-                rows, cols = self._seen.mask(block_users, padded)
-            else:
-                rows, cols = np.full(1, padded, np.int32), np.zeros(1, np.int32)
-            scores, items = catalogue.top_k_unseen(
-                self._params, np.pad(block_users.astype(np.int32), (0, padded - size)), rows, cols, top, self.y_range
-            )
-            scores, items = np.asarray(scores)[:size], np.asarray(items)[:size]
+            excluded = (self._seen.mask(block_users, self.num_items) if exclude_seen
+                        else np.zeros((len(block), self.num_items), bool))
+            scores, items = catalogue.top_k(self._params, block_users, excluded, top, self.y_range)
             for position, row_scores, row_items in zip(block.tolist(), scores, items):
                 keep = np.isfinite(row_scores)
                 results[position] = self._ranking(row_items[keep], row_scores[keep])
@@ -326,6 +274,63 @@ class Model:
             for position in np.flatnonzero(~known).tolist():
                 results[position] = cold
         return results
+
+    # ------------------------------------------------------------------------------ fold-in
+
+    def _columns(self) -> tuple[str, str, str]:
+        data = (self.metadata.get("config") or {}).get("data") or {}
+        return data.get("user_col", "userId"), data.get("item_col", "movieId"), data.get("rating_col", "rating")
+
+    def fold_in(self, ratings: Any, *, user_col: str | None = None, item_col: str | None = None,
+                rating_col: str | None = None, prior_scale: float | None = None) -> Model:
+        """A new model in which the users of ``ratings`` are solved from them (``jaxcf.foldin``).
+
+        New users are added; known users are solved again from their training ratings and these.
+        The item side is frozen; this model is untouched. ``new.fold_in_report`` says what was done,
+        including the ratings of items this model does not know (not used; not an error).
+
+        Args:
+          ratings: a DataFrame or a CSV path with (user, item, rating) rows; the columns default to
+            the training config's ``data.user_col`` / ``item_col`` / ``rating_col``.
+          prior_scale: the strength of the prior fitted to the model's users (the regularisation).
+
+        Raises:
+          ModelError: unreadable ratings, missing columns or ids, non-finite ratings.
+        """
+        default = self._columns()
+        cols = (user_col or default[0], item_col or default[1], rating_col or default[2])
+        frame = foldin_export.ratings_frame(ratings, cols)
+        result, report = foldin_export.fold_in(self.export, frame, user_col=cols[0], item_col=cols[1],
+                                               rating_col=cols[2], prior_scale=prior_scale)
+        folded = Model(result)
+        folded.fold_in_report = report
+        return folded
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 (a model is long-lived; one solver per prior scale)
+    def _solver(self, prior_scale: float | None) -> foldin.Solver:
+        return foldin.Solver(self.export.weights, self.metadata, self.user_counts, prior_scale)
+
+    def recommend_from_ratings(self, item_ids: Sequence, ratings: Sequence[float], k: int = 10,
+                               prior_scale: float | None = None) -> tuple[Ranking, list]:
+        """Top-k for a user known only by these ratings, solved on the fly; this model is unchanged.
+
+        Returns:
+          (the :class:`Ranking`, which excludes the rated items; the ids of rated items this model does
+          not know, which were not used).
+
+        Raises:
+          ValueError: lengths that differ, non-finite ratings, k < 1.
+        """
+        k = check_k(k)
+        items_raw, values = as_list(item_ids), np.asarray(as_list(ratings), np.float64)
+        if len(items_raw) != len(values):
+            raise ValueError(f"{len(items_raw)} items but {len(values)} ratings; give one rating per item")
+        if not np.all(np.isfinite(values)):
+            raise ValueError("ratings must be finite numbers")
+        items, known = self.item_ids.lookup(items_raw)
+        top, scores = foldin.top_k_for_ratings(self._solver(prior_scale), self._params, items[known],
+                                               values[known], min(k, self.num_items), self.y_range)
+        return self._ranking(top, scores), [raw for raw, ok in zip(items_raw, known) if not ok]
 
     # ------------------------------------------------------------------------------ items
 
@@ -353,7 +358,7 @@ class Model:
         if not (isinstance(item_id, (str, bytes)) or np.ndim(item_id) == 0):
             raise ValueError(f"similar_items takes one item id; got {len(item_id)}: call it once per item")
         index, _ = self._lookup(
-            self.item_ids, _as_list(item_id), "item", True, "similar items need an item the model was trained on"
+            self.item_ids, as_list(item_id), "item", True, "similar items need an item the model was trained on"
         )
         query = int(index[0])
         excluded = self.item_counts < min_ratings

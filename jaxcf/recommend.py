@@ -1,8 +1,12 @@
 """``python -m jaxcf.recommend``: the top-k unseen items for a user, by predicted rating.
 
     python -m jaxcf.recommend --model runs/bias --user 1 [--k 10] [--include-seen] [--strict]
+    python -m jaxcf.recommend --model runs/bias --ratings history.csv --user 1001 [--save runs/folded]
 
 An unknown user gets the flagged cold-start answer (``jaxcf.fallback``), or an error with ``--strict``.
+With ``--ratings``, the users of that CSV (new ones, or known ones with new ratings) are first folded
+into the model (``Model.fold_in``: their factors solved from the ratings, the items frozen), so a new
+user gets personal recommendations without retraining; ``--save`` keeps the folded model.
 
 What does not live here: the inference itself (``jaxcf.inference``).
 """
@@ -24,6 +28,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=10, help="how many items (default 10)")
     parser.add_argument("--include-seen", action="store_true", help="also rank items the user rated in training")
     parser.add_argument("--strict", action="store_true", help="fail for an unknown user instead of the cold start")
+    parser.add_argument("--ratings", help="a CSV of (user, item, rating) rows to fold in first (the training "
+                        "config's column names)")
+    parser.add_argument("--save", help="with --ratings: write the folded model here (an export folder)")
     return parser.parse_args(argv)
 
 
@@ -33,7 +40,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         if args.k < 1:
             raise ValueError(f"--k must be >= 1; got {args.k}")
+        if args.save and not args.ratings:
+            raise ValueError("--save keeps a folded model: give --ratings too")
         model = load_model(args.model)
+        if args.ratings:
+            model = model.fold_in(args.ratings)
+            report = model.fold_in_report
+            unknown = (f"; {report.unknown_item_ratings} rating(s) of {len(report.unknown_items)} item(s) the model "
+                       f"does not know were not used: {', '.join(map(str, report.unknown_items[:5]))}"
+                       if report.unknown_items else "")
+            print(f"folded in {report.users_added} new and {report.users_updated} known user(s) from "
+                  f"{args.ratings}{unknown}")
+            if args.save:
+                print(f"saved the folded model to {model.save(args.save)}")
         ranking = model.recommend(args.user, k=args.k, exclude_seen=not args.include_seen, strict=args.strict)
         if ranking.fallback:
             how = "learned item bias" if model.kind == "bias" else "number of training ratings"
@@ -43,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             index = int(model.lookup_users(args.user)[0][0])
-            seen = "" if args.include_seen else f", excluding the {len(model.seen(index))} items they rated in training"
+            seen = "" if args.include_seen else f", excluding the {len(model.seen(index))} items they rated"
             print(f"top {len(ranking.ids)} for user {args.user} by predicted rating{seen}")
         print(cli.format_ranking(ranking, "predicted"))
         return 0

@@ -218,6 +218,7 @@ def export_arguments(trained: Trained) -> dict:
         "item_ids": ratings.item_ids.raw,
         "train_users": ratings.users[dataset.split.train],
         "train_items": ratings.items[dataset.split.train],
+        "train_ratings": ratings.ratings[dataset.split.train],
         "config": to_dict(config),
         "model_info": {**trained.model_info, "epoch": exported},
         "data_info": dataset.fingerprint(),

@@ -16,10 +16,11 @@ CORE = {
     "errors", "fileio", "configfile", "config", "rng", "data", "data.ids", "data.ratings", "data.splits",
     "data.registry", "data.download", "models", "linalg", "sparse", "optim", "steps", "evaluate", "ranking",
     "processes", "distributed", "family", "sgd", "members", "gibbs", "export", "catalogue", "fallback",
+    "foldin", "foldin_export", "answers",
 }
 TRAINERS = {"checkpoint", "workdir", "trainer"}
 APP = {"__init__", "inference", "api", "cli", "train", "predict", "recommend", "similar", "report", "sweep",
-       "crossval"}
+       "crossval", "strong"}
 LAYER = {**{m: 0 for m in CORE}, **{m: 1 for m in TRAINERS}, **{m: 2 for m in APP}}
 MAX_LINES = 420  # "about 400": a module past this holds two concepts
 

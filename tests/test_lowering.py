@@ -73,8 +73,8 @@ def _programs():
     block = jnp.arange(4, dtype=jnp.int32)
     out.append(("score-block-members", jax.jit(lambda p, u: models.score_block(p, u, (0.5, 5.0))), (stacked, block)))
     mask = (jnp.zeros(4, jnp.int32), jnp.arange(4, dtype=jnp.int32))
-    out.append(("top-k-unseen", jax.jit(lambda p, u, r, c: catalogue.top_k_unseen(p, u, r, c, 3, (0.5, 5.0))),
-                (params, block, *mask)))
+    out.append(("top-k-masked", jax.jit(lambda p, u, e: catalogue.top_k_masked(p, u, e, 3, (0.5, 5.0))),
+                (stacked, block, jnp.zeros((4, ITEMS), bool))))
     unit = catalogue.unit_rows(np.asarray(params["item_embedding"]))
     out.append(("top-k-cosine", jax.jit(lambda t, q, e: catalogue.top_k_cosine(t, q, e, 3)),
                 (unit, jnp.int32(2), jnp.zeros(ITEMS, bool))))

@@ -345,7 +345,7 @@ def test_recommend_counts_distinct_items_when_ratings_repeat(tmp_path, capsys):
     assert len(seen) == len(set(seen.tolist()))
     capsys.readouterr()
     assert recommend.main(["--model", str(tmp_path / "run"), "--user", "1", "--k", "3"]) == 0
-    assert f"excluding the {len(seen)} items they rated in training" in capsys.readouterr().out
+    assert f"excluding the {len(seen)} items they rated" in capsys.readouterr().out
 
 
 def test_similar_cli_with_k_zero_is_one_line(run, capsys):
