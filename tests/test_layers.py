@@ -20,7 +20,7 @@ CORE = {
 }
 TRAINERS = {"checkpoint", "workdir", "trainer"}
 APP = {"__init__", "inference", "api", "cli", "train", "predict", "recommend", "similar", "report", "sweep",
-       "crossval", "strong"}
+       "crossval", "strong", "serve"}
 LAYER = {**{m: 0 for m in CORE}, **{m: 1 for m in TRAINERS}, **{m: 2 for m in APP}}
 MAX_LINES = 420  # "about 400": a module past this holds two concepts
 

@@ -1,0 +1,319 @@
+"""``python -m jaxcf.serve``: a trained model over HTTP (FastAPI on uvicorn), loaded once.
+
+    python -m jaxcf.serve --model runs/bias [--host 127.0.0.1] [--port 8000]
+
+========================  ========================================================================
+``GET /health``           ``{"status": "ok", "kind", "users", "items", "factors", "members", "sha256"}``
+``POST /predict``         ``{"users": [...], "items": [...], "strict": false}`` ->
+                          ``{"ratings": [...], "fallback": [...]}``
+``POST /recommend``       ``{"user": id, "k": 10}``, or ``{"ratings": [{"item": id, "rating": r}, ...],
+                          "k": 10}`` for a user known only by these ratings (solved on the fly:
+                          ``Model.recommend_from_ratings``; the rated items are left out) ->
+                          ``{"items": [{"id", "title", "score"}, ...], "fallback": bool}``
+``POST /similar``         ``{"item": id, "k": 10}`` -> ``{"items": [...]}``
+========================  ========================================================================
+
+Bad requests (malformed JSON, wrong types, ``k`` <= 0, lengths that differ, unknown ids under
+``"strict": true``) get a 4xx with ``{"error": "one clear line"}``, never a 500, and the server keeps
+serving. Recommendations for known users are batched: requests arriving within a few milliseconds
+of each other are answered by one ``Model.recommend_many`` call (one compiled top-k over the whole
+catalogue for the block), run in a worker thread so the event loop keeps accepting. Every request is
+logged as one JSON line (method, path, status, milliseconds). SIGTERM and SIGINT stop it gracefully:
+no new connections, in-flight requests finished. The compiled shapes are warmed up before the port
+opens, so the first requests are not slow.
+
+What does not live here: the model (``jaxcf.inference``), the load test (``bench/serve_load.py``).
+"""
+
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
+
+from jaxcf import cli
+from jaxcf.errors import ModelError, UnknownIdError
+from jaxcf.inference import Model, load_model
+
+log = logging.getLogger("jaxcf.serve")
+MAX_PAIRS = 100_000  # pairs per /predict request
+MAX_K = 1000
+MAX_RATINGS = 10_000  # ratings per on-the-fly fold-in
+
+
+class Batcher:
+    """Collects calls that arrive within ``window`` seconds (at most ``max_size``) into one call of
+    ``function(list of arguments) -> list of results``, run in a worker thread."""
+
+    def __init__(self, function: Callable[[list], list], window: float, max_size: int):
+        self.function, self.window, self.max_size = function, window, max_size
+        self.queue: asyncio.Queue | None = None
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    async def submit(self, argument: Any) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((argument, future))
+        return await future
+
+    async def _run(self) -> None:
+        from starlette.concurrency import run_in_threadpool
+
+        while True:
+            batch = [await self.queue.get()]
+            deadline = time.monotonic() + self.window
+            while len(batch) < self.max_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except TimeoutError:
+                    break
+            try:
+                results = await run_in_threadpool(self.function, [argument for argument, _ in batch])
+            except Exception as err:  # noqa: BLE001 (handed to every caller of the batch)
+                results = [err] * len(batch)
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+
+
+def create_app(model: Model, *, batch_window: float = 0.002, max_batch: int = 64):
+    """The FastAPI application serving ``model``."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    Id = StrictInt | StrictStr
+    K = Annotated[int, Field(ge=1, le=MAX_K, strict=True)]
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    class PredictRequest(Strict):
+        users: Annotated[list[Id], Field(max_length=MAX_PAIRS)]
+        items: Annotated[list[Id], Field(max_length=MAX_PAIRS)]
+        strict: bool = False
+
+    class Rated(Strict):
+        item: Id
+        rating: StrictFloat | StrictInt
+
+    class RecommendRequest(Strict):
+        user: Id | None = None
+        ratings: Annotated[list[Rated], Field(max_length=MAX_RATINGS)] | None = None
+        k: K = 10
+        strict: bool = False
+        exclude_seen: bool = True
+
+    class SimilarRequest(Strict):
+        item: Id
+        k: K = 10
+        min_ratings: Annotated[int, Field(ge=0, strict=True)] = 1
+
+    def recommend_block(requests: list[tuple[Any, int, bool]]) -> list:
+        out: list = [None] * len(requests)
+        for exclude in (True, False):
+            positions = [p for p, (_, _, e) in enumerate(requests) if e == exclude]
+            if positions:
+                k = max(requests[p][1] for p in positions)
+                rankings = model.recommend_many([requests[p][0] for p in positions], k=k, exclude_seen=exclude)
+                for p, ranking in zip(positions, rankings):
+                    out[p] = _trim(ranking, requests[p][1])
+        return out
+
+    batcher = Batcher(recommend_block, batch_window, max_batch)
+
+    async def lifespan(app):
+        batcher.start()
+        yield
+        log.info(json.dumps({"event": "shutdown"}))
+        await batcher.stop()
+
+    app = FastAPI(title="jaxcf", lifespan=lifespan)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError):
+        content_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
+        if content_type and not content_type.endswith("json"):
+            return error(415, f"the body is {content_type}; send JSON with 'Content-Type: application/json'")
+        first = err.errors()[0] if err.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error(400, f"malformed JSON: {first.get('ctx', {}).get('error', 'cannot parse the body')}")
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = first.get("msg", "invalid value")
+        if loc and loc[-1] in ("int", "str", "float"):  # a branch of an id's or a rating's union of types
+            what = "a number" if loc[-1] == "float" else "an id (an integer or a text)"
+            loc, message = loc[:-1], f"must be {what}"
+        return error(422, f"{'.'.join(loc) or 'body'}: {message}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        return error(err.status_code, f"{request.method} {request.url.path}: {err.detail}")
+
+    @app.exception_handler(UnknownIdError)
+    async def unknown(request: Request, err: UnknownIdError):
+        return error(404, str(err))
+
+    @app.exception_handler(ModelError)
+    async def model_error(request: Request, err: ModelError):
+        return error(400, str(err))
+
+    @app.exception_handler(ValueError)
+    async def value_error(request: Request, err: ValueError):
+        return error(400, (str(err).splitlines() or ["invalid request"])[0])
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, err: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return error(500, f"internal error ({type(err).__name__}); the server keeps serving")
+
+    @app.middleware("http")
+    async def access_log(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        log.info(json.dumps({"method": request.method, "path": request.url.path, "status": response.status_code,
+                             "ms": round((time.perf_counter() - start) * 1000, 2),
+                             "client": request.client.host if request.client else None}))
+        return response
+
+    files = model.metadata.get("files") or {}
+    weights_sha = (files.get("weights.safetensors") or {}).get("sha256")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "kind": model.kind, "users": model.num_users, "items": model.num_items,
+                "factors": int(model.export.weights["user_embedding"].shape[-1]), "members": model.ensemble_size,
+                "sha256": weights_sha}
+
+    @app.post("/predict")
+    async def predict(body: PredictRequest):
+        if len(body.users) != len(body.items):
+            return error(422, f"users and items differ in length ({len(body.users)} and {len(body.items)}); "
+                              "give one item per user")
+        result = await run_in_threadpool(model.predict, body.users, body.items, body.strict)
+        return {"ratings": [float(v) for v in result.ratings], "fallback": [bool(v) for v in result.fallback]}
+
+    @app.post("/recommend")
+    async def recommend(body: RecommendRequest):
+        if (body.user is None) == (body.ratings is None):
+            return error(422, "give either 'user' (an id) or 'ratings' (a list of {item, rating}), not both")
+        if body.ratings is not None:
+            values = [float(r.rating) for r in body.ratings]
+            if not all(math.isfinite(v) for v in values):
+                return error(422, "ratings must be finite numbers")
+            ranking, unknown_items = await run_in_threadpool(
+                model.recommend_from_ratings, [r.item for r in body.ratings], values, body.k)
+            return {**_items(ranking), "fallback": False, "unknown_items": unknown_items}
+        if body.strict:
+            model.lookup_users([body.user], strict=True)
+        ranking = await batcher.submit((body.user, body.k, body.exclude_seen))
+        return {**_items(ranking), "fallback": bool(ranking.fallback)}
+
+    @app.post("/similar")
+    async def similar(body: SimilarRequest):
+        ranking = await run_in_threadpool(model.similar_items, body.item, body.k, body.min_ratings)
+        return _items(ranking)
+
+    return app
+
+
+def _trim(ranking, k: int):
+    return ranking._replace(ids=ranking.ids[:k], titles=ranking.titles[:k], scores=ranking.scores[:k])
+
+
+def _items(ranking) -> dict:
+    return {"items": [{"id": raw.item() if hasattr(raw, "item") else raw, "title": title, "score": float(score)}
+                      for raw, title, score in zip(ranking.ids, ranking.titles, ranking.scores)]}
+
+
+def warm_up(model: Model, max_batch: int) -> float:
+    """Compiles the shapes requests will use (user blocks up to ``max_batch``, k up to 16, fold-in of
+    up to 512 ratings) before the port opens. Returns the seconds it took."""
+    start = time.perf_counter()
+    users = model.user_ids.raw[: min(model.num_users, max_batch)].tolist()
+    size = 1
+    while size <= len(users):
+        model.recommend_many(users[:size], k=10)
+        size *= 2
+    model.predict(users[:1], model.item_ids.raw[:1].tolist())
+    if model.num_items:
+        rated = model.item_ids.raw[: min(model.num_items, 512)].tolist()
+        for count in (1, 65, 129, 257):
+            model.recommend_from_ratings(rated[:count], [3.0] * len(rated[:count]), k=10)
+    return time.perf_counter() - start
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jaxcf.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a training workdir or an exported model folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--batch-window-ms", type=float, default=2.0,
+                        help="how long a recommendation waits for others to share its batch (default 2)")
+    parser.add_argument("--max-batch", type=int, default=64, help="recommendations per batch at most (default 64)")
+    parser.add_argument("--no-warm-up", action="store_true", help="open the port before compiling")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    # The access log and events, one JSON line each, on stderr; other libraries' loggers stay quiet.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+    def body() -> int:
+        try:
+            import uvicorn
+        except ImportError:
+            raise ModelError("the server needs FastAPI and uvicorn: pip install 'jaxcf[serve]'") from None
+        if not 0 < args.port < 65536 or args.max_batch < 1 or args.batch_window_ms < 0:
+            raise ValueError("--port must be in 1-65535, --max-batch >= 1 and --batch-window-ms >= 0")
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((args.host, args.port))
+            except OSError as err:
+                raise ValueError(f"cannot listen on {args.host}:{args.port} ({err.strerror}); choose another "
+                                 "--port or --host") from None
+        model = load_model(args.model)
+        seconds = 0.0 if args.no_warm_up else warm_up(model, args.max_batch)
+        log.info(json.dumps({"event": "ready", "model": str(model.path), "kind": model.kind, "users": model.num_users,
+                             "items": model.num_items, "warm_up_s": round(seconds, 2),
+                             "url": f"http://{args.host}:{args.port}"}))
+        app = create_app(model, batch_window=args.batch_window_ms / 1000, max_batch=args.max_batch)
+        uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning",
+                    timeout_graceful_shutdown=30)
+        return 0
+
+    return cli.run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
