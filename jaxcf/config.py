@@ -41,11 +41,15 @@ class DataConfig:
     split: str | None = None
     # Ratings outside this closed range are rejected as bad data; null accepts any finite rating.
     rating_range: tuple[float, float] | None = None
+    # Implicit-feedback models (model.kind ials, bpr, ease) learn from the ratings of at least this
+    # many stars, as interactions (jaxcf.data.implicit); explicit models ignore it.
+    implicit_threshold: float = 4.0
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    # "dot" is the notebook's EmbeddingDotProd, "bias" its EmbeddingDotProdBias.
+    # "dot" is the notebook's EmbeddingDotProd, "bias" its EmbeddingDotProdBias (explicit ratings);
+    # "ials", "bpr", "ease" learn from implicit feedback (see the implicit section).
     kind: str = "bias"
     n_factors: int = 50
     # Output range of the biased model's scaled sigmoid; null takes (min, max) of the ratings.
@@ -129,6 +133,28 @@ class EnsembleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImplicitConfig:
+    # iALS (Hu, Koren & Volinsky 2008): an interaction's confidence is 1 + alpha, every other pair's 1.
+    alpha: float = 1.0
+    # iALS: L2 on each row, lambda * (alpha * |row's interactions| + |other side|) ** reg_exponent:
+    # reg_exponent 0 is plain L2 (Hu et al., implicit's ALS), 1 frequency-scaled (Rendle et al. 2022).
+    regularization: float = 0.1
+    reg_exponent: float = 0.0
+    # iALS: exact F x F solves ("cholesky") or conjugate gradient warm-started from the last sweep
+    # ("cg", cg_steps steps per row and sweep), cheaper for large F.
+    solver: str = "cholesky"
+    cg_steps: int = 3
+    # iALS and BPR: the standard deviation of the normal initial factors.
+    init_std: float = 0.1
+    # BPR (Rendle et al. 2009): negatives sampled uniformly per positive, and the L2 weight of the
+    # rows a triple touches, in the loss. Trained with optim (lazy_adam recommended).
+    negatives: int = 1
+    l2: float = 1.0e-4
+    # EASE (Steck 2019): the L2 weight lambda of the closed-form item-item model.
+    ease_lambda: float = 500.0
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     seed: int = 42
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -139,11 +165,13 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     ensemble: EnsembleConfig = dataclasses.field(default_factory=EnsembleConfig)
+    implicit: ImplicitConfig = dataclasses.field(default_factory=ImplicitConfig)
 
 
 # Allowed values for enumerated keys: small explicit sets, no getattr dispatch.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.kind": ("dot", "bias"),
+    "model.kind": ("dot", "bias", "ials", "bpr", "ease"),
+    "implicit.solver": ("cholesky", "cg"),
     "optim.name": ("adamw", "adam", "lazy_adam", "sgd"),
     "optim.schedule": ("constant", "cosine", "onecycle"),
     "ensemble.method": ("seeds", "gibbs"),
@@ -208,7 +236,46 @@ def validate(config: Config) -> Config:
     if len(set(cols)) != 3:
         raise ConfigError(f"data.user_col, data.item_col and data.rating_col must differ; got {cols}")
     _validate_ensemble(config)
+    _validate_implicit(config)
     return config
+
+
+IMPLICIT_KINDS = ("ials", "bpr", "ease")
+
+
+def is_implicit(config: Config) -> bool:
+    """Whether ``config`` trains an implicit-feedback model (``model.kind`` ials, bpr or ease)."""
+    return config.model.kind in IMPLICIT_KINDS
+
+
+def _validate_implicit(config: Config) -> None:
+    implicit = config.implicit
+    for key in ("alpha", "regularization", "reg_exponent", "l2", "ease_lambda"):
+        value = getattr(implicit, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"implicit.{key}: must be a finite number >= 0; got {value!r}")
+    if not (math.isfinite(implicit.init_std) and implicit.init_std > 0):
+        raise ConfigError(f"implicit.init_std: must be a finite number > 0; got {implicit.init_std!r}")
+    for key in ("cg_steps", "negatives"):
+        if getattr(implicit, key) < 1:
+            raise ConfigError(f"implicit.{key}: must be an integer >= 1; got {getattr(implicit, key)!r}")
+    if not math.isfinite(config.data.implicit_threshold):
+        raise ConfigError(f"data.implicit_threshold: must be a finite number; got {config.data.implicit_threshold!r}")
+    if not is_implicit(config):
+        return
+    kind = config.model.kind
+    if config.ensemble.size != 1 or config.ensemble.method != "seeds":
+        raise ConfigError(f"model.kind {kind}: ensembles are of explicit models; set ensemble.size: 1")
+    if config.optim.row_l2 or config.optim.schedule != "constant":
+        raise ConfigError(f"model.kind {kind}: optim.row_l2 and optim.schedule are for explicit models")
+    if kind == "ease":
+        if config.train.epochs != 1:
+            raise ConfigError("model.kind ease is solved in closed form, in one step: set train.epochs: 1")
+        if config.mesh.data * config.mesh.model > 1:
+            raise ConfigError("model.kind ease runs on one device: set mesh.data and mesh.model to 1")
+    if kind == "bpr" and config.optim.name not in ("lazy_adam", "sgd"):
+        raise ConfigError(f"model.kind bpr trains with a row-sparse optimizer (lazy_adam or sgd); got "
+                          f"optim.name {config.optim.name!r}")
 
 
 def _validate_ensemble(config: Config) -> None:

@@ -23,7 +23,9 @@ restore and shard any family the same way:
 ========================  =========================================================================
 
 The families: ``sgd`` (one model by a gradient optimizer: ``jaxcf.sgd``), ``members`` (K such
-models side by side: ``jaxcf.members``), ``gibbs`` (Bayesian MF by Gibbs sampling: ``jaxcf.gibbs``).
+models side by side: ``jaxcf.members``), ``gibbs`` (Bayesian MF by Gibbs sampling: ``jaxcf.gibbs``);
+for implicit feedback ``ials`` (alternating least squares: ``jaxcf.ials``), ``bpr`` (pairwise
+ranking by SGD: ``jaxcf.bpr``) and ``ease`` (closed form: ``jaxcf.ease``).
 
 What does not live here: the loop (``jaxcf.trainer``), the families themselves.
 """
@@ -51,12 +53,18 @@ class Family:
     row_axes: Callable[[Any], Any]
     final: Callable[[dict], dict]
     model_info: dict
-    # The record key that early stopping watches (lower is better).
+    # The record key that early stopping watches, and whether higher is better.
     monitor: str = "valid_rmse"
+    maximize: bool = False
+    # The terminal table's columns after the epoch: (record key, header).
+    columns: tuple = (("train_loss", "train_loss"), ("valid_mse", "valid_mse"), ("valid_rmse", "valid_rmse"))
 
 
 def family_name(config: Config) -> str:
-    """Which family trains ``config``: ``gibbs``, ``members`` (an ensemble of seeds) or ``sgd``."""
+    """Which family trains ``config``: ``ials``, ``bpr``, ``ease``, ``gibbs``, ``members`` (an ensemble of
+    seeds) or ``sgd``."""
+    if config.model.kind in ("ials", "bpr", "ease"):
+        return config.model.kind
     if config.ensemble.method == "gibbs":
         return "gibbs"
     return "members" if config.ensemble.size > 1 else "sgd"

@@ -256,7 +256,18 @@ class Solver:
         return {name: (table if self.members else table[0]).astype(np.float32) for name, table in out.items()}
 
 
-def top_k_for_ratings(solver: Solver, params: Mapping, items: np.ndarray, ratings: np.ndarray, k: int,
+def make_solver(weights: Mapping[str, np.ndarray], metadata: Mapping, counts: np.ndarray,
+                prior_scale: float | None = None):
+    """The solver for a model: :class:`Solver` for explicit ratings, ``jaxcf.foldin_implicit.ImplicitSolver``
+    for an implicit-feedback family."""
+    if metadata["model"].get("feedback") == "implicit":
+        from jaxcf.foldin_implicit import ImplicitSolver
+
+        return ImplicitSolver(weights, metadata)
+    return Solver(weights, metadata, counts, prior_scale)
+
+
+def top_k_for_ratings(solver, params: Mapping, items: np.ndarray, ratings: np.ndarray, k: int,
                       y_range) -> tuple[np.ndarray, np.ndarray]:
     """Top-k items for one user solved from (items, ratings), the rated items excluded.
 
@@ -267,7 +278,7 @@ def top_k_for_ratings(solver: Solver, params: Mapping, items: np.ndarray, rating
 
     rows = solve_users(solver, np.zeros(len(items), np.int64), items.astype(np.int64), ratings, 1)
     params = {**params, **{name: jnp.asarray(table) for name, table in solver.tables(rows).items()}}
-    excluded = np.zeros((1, solver.features.shape[1]), bool)
+    excluded = np.zeros((1, params["item_embedding"].shape[-2]), bool)
     excluded[0, items] = True
     scores, top = top_k(params, np.zeros(1, np.int32), excluded, k, y_range)
     keep = np.isfinite(scores[0])
@@ -292,7 +303,7 @@ def _groups(counts: np.ndarray) -> list[np.ndarray]:
     return groups
 
 
-def solve_users(solver: Solver, user_of: np.ndarray, items: np.ndarray, ratings: np.ndarray,
+def solve_users(solver, user_of: np.ndarray, items: np.ndarray, ratings: np.ndarray,
                 num_users: int) -> np.ndarray:
     """Rows for ``num_users`` users from their ratings (``user_of`` in [0, num_users)), in calls of at most
     PAIRS_PER_CALL ratings: float32[K, num_users, d]."""

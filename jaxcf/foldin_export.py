@@ -16,7 +16,7 @@ import pandas as pd
 from jaxcf import export
 from jaxcf.data.ids import IdMap
 from jaxcf.errors import ModelError
-from jaxcf.foldin import Solver, solve_users
+from jaxcf.foldin import make_solver, solve_users
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +82,8 @@ def fold_in(source, frame, *, user_col: str, item_col: str, rating_col: str,
         raise ModelError(f"user ids: {err}") from None
     item_index, item_known = IdMap(source.item_ids).lookup(frame[item_col].tolist())
     unknown = frame[item_col][~item_known]
-    solver = Solver(source.weights, source.metadata, np.bincount(source.seen_users, minlength=len(users_before)),
-                    prior_scale)
+    solver = make_solver(source.weights, source.metadata,
+                         np.bincount(source.seen_users, minlength=len(users_before)), prior_scale)
 
     affected = np.unique(user_index)
     position = {int(u): k for k, u in enumerate(affected.tolist())}

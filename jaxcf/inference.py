@@ -307,8 +307,8 @@ class Model:
         return folded
 
     @functools.lru_cache(maxsize=4)  # noqa: B019 (a model is long-lived; one solver per prior scale)
-    def _solver(self, prior_scale: float | None) -> foldin.Solver:
-        return foldin.Solver(self.export.weights, self.metadata, self.user_counts, prior_scale)
+    def _solver(self, prior_scale: float | None):
+        return foldin.make_solver(self.export.weights, self.metadata, self.user_counts, prior_scale)
 
     def recommend_from_ratings(self, item_ids: Sequence, ratings: Sequence[float], k: int = 10,
                                prior_scale: float | None = None) -> tuple[Ranking, list]:

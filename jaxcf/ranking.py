@@ -151,3 +151,95 @@ def model_ranking_metrics(
         lambda users: score_block(device_params, jnp.asarray(users, jnp.int32), y), num_items,
         *train, *valid, ks=ks, threshold=threshold,
     )
+
+
+# ------------------------------------------------------------------------------ implicit feedback
+
+IMPLICIT_KS = (10, 20, 50)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _implicit_block(scores, excluded, relevant, k):
+    """For a block of users: (bool[B, k] top-k hits, int32[B, k] top-k items, int32[B] rank of the
+    best-scored relevant item among the candidates, 1-based)."""
+    scores = jnp.where(excluded, -jnp.inf, scores)
+    _, top = jax.lax.top_k(scores, k)
+    hits = jnp.take_along_axis(relevant, top, axis=1)
+    best = jnp.max(jnp.where(relevant, scores, -jnp.inf), axis=1)
+    rank = jnp.sum(scores > best[:, None], axis=1) + 1
+    return hits, top, rank
+
+
+def implicit_metrics(
+    score_fn: Callable[[np.ndarray], jax.Array],
+    num_items: int,
+    train_users: np.ndarray,
+    train_items: np.ndarray,
+    test_users: np.ndarray,
+    test_items: np.ndarray,
+    ks: Sequence[int] = IMPLICIT_KS,
+    users_per_block: int = USERS_PER_BLOCK,
+) -> dict:
+    """The implicit-feedback protocol's ranking metrics (``docs/results.md``; Rendle et al.'s definitions).
+
+    Candidates for a user: every item with at least one training interaction, minus the user's
+    training items. Relevant: the user's test items that are candidates; users with none are not
+    scored. ``recall@k = hits / min(k, |relevant|)``; ``ndcg@k``: binary gains, the ideal DCG over
+    ``min(k, |relevant|)`` hits; ``map@k``: the mean over the relevant ranks r <= k of precision@r,
+    divided by ``min(k, |relevant|)``; ``mrr``: 1 / the rank of the first relevant candidate in the
+    full ranking; ``hit@k``: whether any relevant item is in the top k; ``coverage@k``: the share of
+    candidate items in at least one scored user's top k. Averages over scored users.
+
+    Args:
+      score_fn: ``int32[B] users -> float[B, num_items]`` scores, higher is better.
+      train_users, train_items, test_users, test_items: int index pairs.
+
+    Returns:
+      ``{"recall@20": ..., ..., "mrr": ..., "protocol": "implicit-holdout", "scored_users": n,
+      "candidates": number of items with a training interaction}``.
+    """
+    ks = sorted({int(k) for k in ks})
+    known = np.zeros(num_items, bool)
+    known[train_items] = True
+    kmax = min(ks[-1], int(known.sum()))
+    seen = _group(np.asarray(train_users), np.asarray(train_items))
+    candidates_test = known[test_items]
+    relevant = _group(np.asarray(test_users)[candidates_test], np.asarray(test_items)[candidates_test])
+    scored = (u for u, items in relevant.items() if len(np.setdiff1d(items, seen.get(u, []))))
+    users = np.asarray(sorted(scored), np.int32)
+    result: dict = {"protocol": "implicit-holdout", "scored_users": int(len(users)), "candidates": int(known.sum())}
+    names = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "map", "hit", "coverage")] + ["mrr"]
+    if not len(users):
+        return {**result, **{name: math.nan for name in names}}
+    discounts = 1.0 / np.log2(np.arange(2, kmax + 2))
+    sums = {name: 0.0 for name in names}
+    covered = {k: np.zeros(num_items, bool) for k in ks}
+    for start in range(0, len(users), users_per_block):
+        block = users[start : start + users_per_block]
+        size = len(block)
+        padded = np.pad(block, (0, users_per_block - size))
+        excluded = np.tile(~known, (users_per_block, 1))
+        relevant_mask = np.zeros((users_per_block, num_items), bool)
+        for row, user in enumerate(block.tolist()):
+            excluded[row, seen.get(user, [])] = True
+            relevant_mask[row, relevant[user]] = True
+        relevant_mask &= ~excluded
+        hits, top, rank = _implicit_block(score_fn(padded), excluded, relevant_mask, kmax)
+        hits, top, rank = np.asarray(hits)[:size], np.asarray(top)[:size], np.asarray(rank)[:size]
+        counts = relevant_mask[:size].sum(axis=1).astype(np.float64)
+        sums["mrr"] += float(np.sum(1.0 / rank))
+        for k in ks:
+            kk = min(k, kmax)
+            found = hits[:, :kk]
+            ideal_n = np.minimum(counts, k).astype(int)
+            ideal = np.cumsum(discounts)[np.minimum(ideal_n, kmax) - 1]
+            precision_at = np.cumsum(found, axis=1) / np.arange(1, kk + 1)
+            sums[f"recall@{k}"] += float(np.sum(found.sum(axis=1) / np.minimum(counts, k)))
+            sums[f"ndcg@{k}"] += float(np.sum((found * discounts[:kk]).sum(axis=1) / ideal))
+            sums[f"map@{k}"] += float(np.sum((precision_at * found).sum(axis=1) / np.minimum(counts, k)))
+            sums[f"hit@{k}"] += float(np.sum(found.any(axis=1)))
+            covered[k][top[:, :kk].ravel()] = True
+    out = {name: total / len(users) for name, total in sums.items()}
+    for k in ks:
+        out[f"coverage@{k}"] = float(covered[k][known].sum() / known.sum())
+    return {**result, **out}

@@ -37,7 +37,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def final_line(record: dict, workdir: Path) -> str:
-    """``final valid_rmse 0.8739 (valid_mae 0.6723, ndcg@10 0.0775); outputs in WORKDIR``."""
+    """``final valid_rmse 0.8739 (valid_mae 0.6723, ndcg@10 0.0775); outputs in WORKDIR``, or for an
+    implicit-feedback model ``final ndcg@20 0.2605 (recall@20 0.2882, ...); outputs in WORKDIR``."""
+    if record.get("protocol") == "implicit-holdout":
+        extras = [f"{key} {record[key]:.4f}" for key in ("recall@20", "map@20", "mrr") if key in record]
+        return f"final ndcg@20 {record['ndcg@20']:.4f} ({', '.join(extras)}); outputs in {workdir}"
     extras = [f"{key} {record[key]:.4f}" for key in ("valid_mae", "ndcg@10") if isinstance(record.get(key), float)]
     shown = f" ({', '.join(extras)})" if extras else ""
     return f"final valid_rmse {record.get('valid_rmse', float('nan')):.4f}{shown}; outputs in {workdir}"

@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcf import checkpoint, distributed, export, gibbs, members, processes, sgd
+from jaxcf import bpr, checkpoint, distributed, ease, export, gibbs, ials, members, processes, sgd
 from jaxcf import workdir as wd
-from jaxcf.config import Config, dump, to_dict
-from jaxcf.data import Dataset
+from jaxcf.config import Config, dump, is_implicit, to_dict
+from jaxcf.data import Dataset, interactions
 from jaxcf.data import load as load_dataset
 from jaxcf.errors import JaxcfError, WorkdirError
 from jaxcf.family import Family, family_name
@@ -95,6 +95,9 @@ class Trained:
 def build_family(config: Config, dataset: Dataset, layout=None, orders: Callable | None = None) -> Family:
     """The family that trains ``config`` (``jaxcf.family.family_name``)."""
     name = family_name(config)
+    implicit_families = {"ials": ials.family, "bpr": bpr.family, "ease": ease.family}
+    if name in implicit_families:
+        return implicit_families[name](config, dataset, layout)
     if name == "gibbs":
         return gibbs.family(config, dataset, layout)
     setup = sgd.make_setup(config, dataset)
@@ -149,7 +152,8 @@ def train(
         record["train_seconds"] = train_seconds
         record["seconds"] = time.perf_counter() - start
         value = record[family.monitor]
-        improved = progress.best_value is None or value < progress.best_value
+        better = (lambda a, b: a > b) if family.maximize else (lambda a, b: a < b)
+        improved = progress.best_value is None or better(value, progress.best_value)
         best_epoch = epoch + 1 if improved else progress.best_epoch
         progress = Progress(
             epoch=epoch + 1,
@@ -266,6 +270,8 @@ def fit(
     if workdir is not None:
         wd.check(Path(workdir), resume, config)
     dataset = dataset if dataset is not None else load_dataset(config.data, config.seed)
+    if is_implicit(config) and not dataset.split.name.endswith("-implicit"):
+        dataset = interactions(dataset, config.data.implicit_threshold, config.data.valid_fraction, config.seed)
     if resume:
         wd.check_data(Path(workdir), dataset.fingerprint())
     family = build_family(config, dataset, layout, orders)
@@ -317,12 +323,12 @@ def fit(
                 print(f"no checkpoint yet in {workdir}; starting from the beginning", file=out)
             if state is None:
                 state = place(family.init)
-            print(wd.HEADER, file=out)
+            print(wd.header(family.columns), file=out)
             for record in progress.history:
-                print(wd.format_row(record), file=out)
+                print(wd.format_row(record, family.columns), file=out)
 
             def on_epoch(state, progress, record):
-                print(wd.format_row(record), file=out, flush=True)
+                print(wd.format_row(record, family.columns), file=out, flush=True)
                 if primary:
                     with wd.writing(workdir, "metrics.jsonl"):
                         wd.write_metrics(workdir, progress.history)

@@ -184,14 +184,22 @@ def write_metrics(workdir: Path, history: list[dict]) -> None:
     atomic_write_text(workdir / "metrics.jsonl", "".join(dumps(r) + "\n" for r in history))
 
 
+EXPLICIT_COLUMNS = (("train_loss", "train_loss"), ("valid_mse", "valid_mse"), ("valid_rmse", "valid_rmse"))
 HEADER = "epoch  train_loss  valid_mse  valid_rmse  seconds"
 
 
-def format_row(record: dict) -> str:
-    return (
-        f"{record['epoch']:>5d}  {record['train_loss']:>10.6f}  {record['valid_mse']:>9.6f}  "
-        f"{record['valid_rmse']:>10.6f}  {record['seconds']:>7.2f}"
-    )
+def header(columns=EXPLICIT_COLUMNS) -> str:
+    """The terminal table's header: ``epoch``, the family's columns, ``seconds``."""
+    return "  ".join(["epoch", *(name for _, name in columns), "seconds"])
+
+
+def format_row(record: dict, columns=EXPLICIT_COLUMNS) -> str:
+    cells = [f"{record['epoch']:>5d}"]
+    for key, name in columns:
+        value = record.get(key)
+        cells.append(f"{value:>{len(name)}.6f}" if isinstance(value, (int, float)) else f"{'-':>{len(name)}}")
+    cells.append(f"{record['seconds']:>7.2f}")
+    return "  ".join(cells)
 
 
 # --------------------------------------------------------------------------------- signals

@@ -16,7 +16,8 @@ CORE = {
     "errors", "fileio", "configfile", "config", "rng", "data", "data.ids", "data.ratings", "data.splits",
     "data.registry", "data.download", "models", "linalg", "sparse", "optim", "steps", "evaluate", "ranking",
     "processes", "distributed", "family", "sgd", "members", "gibbs", "export", "catalogue", "fallback",
-    "foldin", "foldin_export", "answers",
+    "foldin", "foldin_export", "answers", "foldin_implicit", "ials", "bpr", "ease", "implicit_family",
+    "data.implicit",
 }
 TRAINERS = {"checkpoint", "workdir", "trainer"}
 APP = {"__init__", "inference", "api", "cli", "train", "predict", "recommend", "similar", "report", "sweep",

@@ -1,6 +1,8 @@
-"""Ratings data: id maps (``ids``), tables (``ratings``), splits (``splits``), named datasets (``registry``)."""
+"""Ratings data: id maps (``ids``), tables (``ratings``), splits (``splits``), named datasets (``registry``),
+implicit feedback (``implicit``)."""
 
 from jaxcf.data.ids import IdMap
+from jaxcf.data.implicit import interactions
 from jaxcf.data.ratings import Ratings, load_csv, ratings_from_frame
 from jaxcf.data.registry import DATASETS, Dataset, from_frame, holdout, load
 from jaxcf.data.splits import Split, holdout_split, random_split
@@ -16,6 +18,7 @@ __all__ = [
     "from_frame",
     "holdout",
     "holdout_split",
+    "interactions",
     "load",
     "load_csv",
     "random_split",
