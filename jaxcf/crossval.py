@@ -38,18 +38,32 @@ from pathlib import Path
 import numpy as np
 
 from jaxcf import cli, evaluate, export, trainer
-from jaxcf.config import Config, ConfigError, load, to_dict
-from jaxcf.data import Dataset, holdout
+from jaxcf.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    is_implicit,
+    load,
+    read_yaml,
+    resolve_path,
+    to_dict,
+)
+from jaxcf.data import Dataset, holdout, interactions
 from jaxcf.data import load as load_dataset
 from jaxcf.fileio import atomic_write_text, strict_json
 
 SUMMARY_METRICS = ("valid_rmse", "valid_mae", "precision@10", "recall@10", "ndcg@10")
+IMPLICIT_SUMMARY = ("ndcg@20", "recall@20", "map@20", "mrr", "coverage@20")
 
 
 def split_dataset(config: Config, split: str | None, holdout_fraction: float | None) -> tuple[Config, Dataset]:
-    """The config with ``data.split`` set, and its dataset (a holdout of its training rows if asked)."""
+    """The config with ``data.split`` set, and its dataset (a holdout of its training rows if asked; for
+    an implicit-feedback model, of its training interactions)."""
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, split=split))
     dataset = load_dataset(config.data, config.seed)
+    if is_implicit(config):
+        dataset = interactions(dataset, config.data.implicit_threshold, config.data.valid_fraction, config.seed)
     if holdout_fraction is not None:
         dataset = holdout(dataset, holdout_fraction, config.seed)
     return config, dataset
@@ -58,14 +72,62 @@ def split_dataset(config: Config, split: str | None, holdout_fraction: float | N
 def score_export(workdir: Path, dataset: Dataset) -> dict[str, float]:
     """RMSE, MAE and ranking metrics of the model exported in ``workdir`` on ``dataset``'s split."""
     model = export.read(workdir)
+    if model.model.get("feedback") == "implicit":
+        from jaxcf import implicit_family
+
+        return implicit_family.metrics(dataset, model.weights)
     y_range = tuple(model.model["y_range"]) if model.model["kind"] == "bias" else None
     return evaluate.final_metrics(dataset, y_range, model.weights)
+
+
+def raw_config(args: argparse.Namespace) -> dict:
+    raw = read_yaml(resolve_path(args.config)) if args.config else {}
+    return dict(raw or {})
+
+
+def grid_points(args: argparse.Namespace) -> list[dict]:
+    """Every combination of the ``--grid`` values (one empty point without a grid)."""
+    import itertools
+
+    from jaxcf.sweep import parse_grid
+
+    grid = parse_grid(args.grid)
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] or [{}]
+
+
+def point_name(point: dict) -> str:
+    return "-".join(f"{k.split('.')[-1]}{v}" for k, v in point.items()) or "."
+
+
+def run_splits(config: Config, splits: list, holdout_fraction: float | None, workdir: Path) -> list[dict]:
+    """Trains and scores ``config`` on each split; prints a line per split; returns the rows."""
+    rows = []
+    for split in splits:
+        name = split or "random"
+        split_config, dataset = split_dataset(config, split, holdout_fraction)
+        start = time.perf_counter()
+        with open(os.devnull, "w") as quiet_out:
+            trainer.fit(split_config, dataset, workdir=workdir / name, quiet=True, out=quiet_out)
+        seconds = time.perf_counter() - start
+        metrics = score_export(workdir / name, dataset)
+        rows.append({"split": name, "metrics": metrics, "seconds": seconds,
+                     "num_train": len(dataset.split.train), "num_valid": len(dataset.split.valid)})
+        if "valid_rmse" in metrics:
+            print(f"{name:>8}  valid_rmse {metrics['valid_rmse']:.4f}  valid_mae {metrics['valid_mae']:.4f}  "
+                  f"ndcg@10 {metrics['ndcg@10']:.4f}  {seconds:.0f}s", flush=True)
+        else:
+            print(f"{name:>8}  ndcg@20 {metrics['ndcg@20']:.4f}  recall@20 {metrics['recall@20']:.4f}  "
+                  f"{seconds:.0f}s", flush=True)
+    return rows
 
 
 def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
     """Mean and sample std (ddof 1; 0 for one split) of each metric over the splits."""
     out = {}
     for name in rows[0]["metrics"]:
+        if not all(isinstance(r["metrics"][name], (int, float)) for r in rows):
+            continue  # labels such as the protocol's name
         values = np.asarray([r["metrics"][name] for r in rows], np.float64)
         out[name] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
     return out
@@ -82,6 +144,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="score on this fraction of each split's training rows instead of its validation rows")
     parser.add_argument("--workdir", type=Path, help="one sub-folder per split (default: a new folder under runs/)")
     parser.add_argument("--out", type=Path, help="results JSON (default: WORKDIR/crossval.json)")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="values of a config key to try (repeatable; every combination is run on every split)")
     parser.add_argument("--protocol", choices=("split", "strong"), default="split",
                         help="split: score each split's validation rows (default); strong: held-out users folded in")
     parser.add_argument("--held-users", type=float, default=0.1, metavar="FRACTION",
@@ -148,31 +212,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             atomic_write_text(out_path, json.dumps(strict_json(result), indent=2, allow_nan=False) + "\n")
             print(f"results in {out_path}")
             return 0
-        rows = []
-        for split in splits:
-            name = split or "random"
-            split_config, dataset = split_dataset(config, split, args.holdout)
-            start = time.perf_counter()
-            with open(os.devnull, "w") as quiet_out:
-                trainer.fit(split_config, dataset, workdir=workdir / name, quiet=True, out=quiet_out)
-            seconds = time.perf_counter() - start
-            metrics = score_export(workdir / name, dataset)
-            rows.append({"split": name, "metrics": metrics, "seconds": seconds,
-                         "num_train": len(dataset.split.train), "num_valid": len(dataset.split.valid)})
-            print(f"{name:>8}  valid_rmse {metrics['valid_rmse']:.4f}  valid_mae {metrics['valid_mae']:.4f}  "
-                  f"ndcg@10 {metrics['ndcg@10']:.4f}  {seconds:.0f}s", flush=True)
-        summary = summarise(rows)
+        points = grid_points(args)
+        results = []
+        for point in points:
+            point_config = config if not point else from_dict(apply_overrides(
+                raw_config(args), [*args.set, *(f"{k}={json.dumps(v)}" for k, v in point.items())]))
+            if point:
+                print(f"grid point {json.dumps(point)}", flush=True)
+            rows = run_splits(point_config, splits, args.holdout, workdir / point_name(point))
+            results.append({"point": point, "splits": rows, "summary": summarise(rows)})
+        monitor, sign = ("ndcg@20", -1) if is_implicit(config) else ("valid_rmse", 1)
+        best = min(results, key=lambda r: sign * r["summary"][monitor]["mean"])
         result = {
             "command": " ".join(["python -m jaxcf.crossval", *(argv if argv is not None else sys.argv[1:])]),
             "config": to_dict(config),
             "holdout": args.holdout,
-            "splits": rows,
-            "summary": summary,
+            **({"points": results, "best_point": best["point"]} if len(results) > 1 else {}),
+            "splits": best["splits"],
+            "summary": best["summary"],
         }
         atomic_write_text(out_path, json.dumps(strict_json(result), indent=2, allow_nan=False) + "\n")
-        for metric in SUMMARY_METRICS:
+        if len(results) > 1:
+            for row in results:
+                print(f"{monitor} {row['summary'][monitor]['mean']:.4f}  {json.dumps(row['point'])}")
+            print(f"best point ({monitor}): {json.dumps(best['point'])}")
+        for metric in IMPLICIT_SUMMARY if is_implicit(config) else SUMMARY_METRICS:
+            summary = best["summary"]
             print(f"{metric:>12}  {summary[metric]['mean']:.4f} ± {summary[metric]['std']:.4f}  "
-                  f"over {len(rows)} split(s)")
+                  f"over {len(best['splits'])} split(s)")
         print(f"results in {out_path}")
         return 0
 

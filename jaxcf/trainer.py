@@ -270,7 +270,7 @@ def fit(
     if workdir is not None:
         wd.check(Path(workdir), resume, config)
     dataset = dataset if dataset is not None else load_dataset(config.data, config.seed)
-    if is_implicit(config) and not dataset.split.name.endswith("-implicit"):
+    if is_implicit(config) and dataset.implicit_threshold is None:
         dataset = interactions(dataset, config.data.implicit_threshold, config.data.valid_fraction, config.seed)
     if resume:
         wd.check_data(Path(workdir), dataset.fingerprint())

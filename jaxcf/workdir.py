@@ -116,7 +116,8 @@ def check_data(workdir: Path, fingerprint: dict) -> None:
         raise WorkdirError(f"--resume: {path} is missing, so the data cannot be checked; start a new run") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise WorkdirError(f"--resume: {path} is unreadable; start a new run") from None
-    for key in ("sha256", "num_ratings", "num_users", "num_items", "split", "num_train", "num_valid"):
+    for key in ("sha256", "num_ratings", "num_users", "num_items", "split", "num_train", "num_valid",
+                "implicit_threshold"):
         if saved.get(key) != fingerprint.get(key):
             what = "checksum" if key == "sha256" else key
             raise WorkdirError(

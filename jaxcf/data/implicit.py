@@ -52,4 +52,5 @@ def interactions(dataset: Dataset, threshold: float, valid_fraction: float, seed
         split = Split(np.flatnonzero(~in_test[rows]), np.flatnonzero(in_test[rows]), name=dataset.split.name)
         if not len(split.train) or not len(split.valid):
             raise DataError(f"split {split.name}: no interactions on one side at threshold {threshold}")
-    return dataclasses.replace(dataset, ratings=table, split=dataclasses.replace(split, name=f"{split.name}-implicit"))
+    return dataclasses.replace(dataset, ratings=table, split=dataclasses.replace(split, name=f"{split.name}-implicit"),
+                               implicit_threshold=float(threshold))

@@ -47,6 +47,8 @@ class Dataset:
     ratings: Ratings
     split: Split
     titles: dict | None = None
+    # Set when the table holds implicit-feedback interactions (jaxcf.data.implicit), to this threshold.
+    implicit_threshold: float | None = None
 
     def fingerprint(self) -> dict:
         """What identifies the data a run trains on (a resumed run must find the same)."""
@@ -60,6 +62,7 @@ class Dataset:
             "split": self.split.name,
             "num_train": len(self.split.train),
             "num_valid": len(self.split.valid),
+            "implicit_threshold": self.implicit_threshold,
         }
 
 
