@@ -49,6 +49,21 @@ def top_k(params, users: np.ndarray, excluded: np.ndarray, k: int, y_range) -> t
     return np.asarray(scores)[:rows, :k], np.asarray(items)[:rows, :k]
 
 
+@functools.partial(jax.jit, static_argnames=("y_range",))
+def _score_rows(params, users, y_range):
+    return score_block(params, users, y_range)
+
+
+def score_rows(params, users: np.ndarray, y_range) -> np.ndarray:
+    """float32[n, I] host scores of every item for ``users``, a power-of-two block at a time (few shapes)."""
+    out = []
+    for start in range(0, len(users), 256):
+        block = np.asarray(users[start : start + 256], np.int32)
+        padded = np.pad(block, (0, bucket(len(block)) - len(block)))
+        out.append(np.asarray(_score_rows(params, padded, y_range))[: len(block)])
+    return np.concatenate(out) if out else np.zeros((0, params["item_embedding"].shape[-2]), np.float32)
+
+
 @functools.partial(jax.jit, static_argnames=("k",))
 def top_k_cosine(unit_items, query, excluded, k):
     """Top-k cosine neighbours of item ``query``; ``excluded`` bool[I] items never returned."""

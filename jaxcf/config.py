@@ -44,6 +44,12 @@ class DataConfig:
     # Implicit-feedback models (model.kind ials, bpr, ease) learn from the ratings of at least this
     # many stars, as interactions (jaxcf.data.implicit); explicit models ignore it.
     implicit_threshold: float = 4.0
+    # Leave-last-k-out instead of the random split: each user's k latest ratings (by timestamp_col;
+    # for implicit models, latest interactions) validate, the rest train; users with k or fewer
+    # keep all in training. 0 = off (valid_fraction's random split).
+    leave_last: int = 0
+    # The timestamp column of a CSV or DataFrame (numbers or dates); read only for leave_last.
+    timestamp_col: str = "timestamp"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +241,12 @@ def validate(config: Config) -> Config:
     cols = [config.data.user_col, config.data.item_col, config.data.rating_col]
     if len(set(cols)) != 3:
         raise ConfigError(f"data.user_col, data.item_col and data.rating_col must differ; got {cols}")
+    at_least("data.leave_last", config.data.leave_last, 0)
+    if config.data.leave_last and config.data.split is not None:
+        raise ConfigError(f"data.leave_last={config.data.leave_last} and data.split={config.data.split!r} both choose "
+                          "the validation rows; set one of them")
+    if config.data.leave_last and (not config.data.timestamp_col or config.data.timestamp_col in cols):
+        raise ConfigError("data.timestamp_col: must be a column name other than the user, item and rating columns")
     _validate_ensemble(config)
     _validate_implicit(config)
     return config

@@ -49,7 +49,8 @@ from jaxcf.config import (
     resolve_path,
     to_dict,
 )
-from jaxcf.data import Dataset, holdout, interactions
+from jaxcf.data import Dataset, holdout
+from jaxcf.data.implicit import from_config as implicit_data
 from jaxcf.data import load as load_dataset
 from jaxcf.fileio import atomic_write_text, strict_json
 
@@ -63,7 +64,7 @@ def split_dataset(config: Config, split: str | None, holdout_fraction: float | N
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, split=split))
     dataset = load_dataset(config.data, config.seed)
     if is_implicit(config):
-        dataset = interactions(dataset, config.data.implicit_threshold, config.data.valid_fraction, config.seed)
+        dataset = implicit_data(dataset, config.data, config.seed)
     if holdout_fraction is not None:
         dataset = holdout(dataset, holdout_fraction, config.seed)
     return config, dataset
@@ -168,6 +169,19 @@ def run_strong(args: argparse.Namespace, config: Config, splits: list) -> dict:
         name = split or "random"
         split_config, dataset = split_dataset(config, split, None)
         scale, chosen = args.prior_scale, None
+        if is_implicit(config):
+            if args.prior_scale is not None or args.choose_prior_scale:
+                raise ConfigError("--prior-scale and --choose-prior-scale are for rating models; an implicit "
+                                  "model folds users in with its own regularisation")
+            result = strong.run_implicit(split_config, dataset, held_fraction=args.held_users,
+                                         history_fraction=args.history)
+            result.update(split=name)
+            rows.append(result)
+            for answer in ("fallback", "fold_in", "joint"):
+                figures = result[answer]
+                print(f"{name:>8}  {answer:<9} ndcg@20 {figures['ndcg@20']:.4f}  recall@20 {figures['recall@20']:.4f}"
+                      f"  users {figures['scored_users']}", flush=True)
+            continue
         if args.choose_prior_scale:
             try:
                 grid = [float(v) for v in args.choose_prior_scale.split(",")]

@@ -88,8 +88,10 @@ def _json_ids(raw: np.ndarray) -> list:
 
 
 def _header(model: Mapping[str, Any]) -> dict[str, str]:
-    return {"format": "jaxcf", "format_version": str(FORMAT_VERSION),
-            **{key: json.dumps(model.get(key)) for key in HEADER_FIELDS}}
+    """The weights' ``__metadata__``: one key holding sorted JSON, so the file's bytes are reproducible
+    (safetensors writes several metadata keys in a random order)."""
+    fields = {"format": "jaxcf", "format_version": FORMAT_VERSION, **{key: model.get(key) for key in HEADER_FIELDS}}
+    return {"jaxcf": json.dumps(fields, sort_keys=True, separators=(",", ":"))}
 
 
 def build(
@@ -329,13 +331,14 @@ def _check(result: Export, where: str, header: Mapping[str, Any]) -> None:
         return ModelError(f"{where}: {message}; re-export the model")
 
     model = result.model
+    try:
+        fields = json.loads(header.get("jaxcf", ""))
+    except json.JSONDecodeError:
+        raise bad("the weights' header has no jaxcf fields (not a jaxcf export, or damaged)") from None
+    if not isinstance(fields, dict):
+        raise bad("the weights' header has no jaxcf fields (not a jaxcf export, or damaged)")
     for key in HEADER_FIELDS:
-        stored = header.get(key)
-        if isinstance(stored, str):
-            try:
-                stored = json.loads(stored)
-            except json.JSONDecodeError:
-                raise bad(f"the weights' header field {key} is not JSON") from None
+        stored = fields.get(key)
         if stored != model.get(key):
             raise bad(f"metadata.json says {key} {model.get(key)!r} but the weights' header says {stored!r}")
     kind, members = model.get("kind"), model.get("ensemble_size")

@@ -216,6 +216,16 @@ class Model:
 
     # ------------------------------------------------------------------------------ recommend
 
+    def scores(self, user_ids: Any) -> np.ndarray:
+        """float32[n, num_items]: every item's score for known users (column j is ``item_ids.raw[j]``),
+        as :meth:`recommend` ranks them (seen items included); ensembles give their members' mean.
+
+        Raises:
+          UnknownIdError: for an unknown user (they have no scores; :meth:`recommend` has a cold start).
+        """
+        users, _ = self.lookup_users(user_ids, strict=True)
+        return catalogue.score_rows(self._params, users, self.y_range)
+
     def _ranking(self, indices: np.ndarray, scores: np.ndarray, is_fallback: bool = False) -> Ranking:
         indices = np.asarray(indices, np.int64)
         return Ranking(

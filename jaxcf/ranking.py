@@ -179,6 +179,7 @@ def implicit_metrics(
     test_items: np.ndarray,
     ks: Sequence[int] = IMPLICIT_KS,
     users_per_block: int = USERS_PER_BLOCK,
+    known: np.ndarray | None = None,
 ) -> dict:
     """The implicit-feedback protocol's ranking metrics (``docs/results.md``; Rendle et al.'s definitions).
 
@@ -193,14 +194,17 @@ def implicit_metrics(
     Args:
       score_fn: ``int32[B] users -> float[B, num_items]`` scores, higher is better.
       train_users, train_items, test_users, test_items: int index pairs.
+      known: bool[num_items], the candidate items when they are not the training pairs' items (the
+        strong-generalisation protocol, whose held-out users' histories are not the model's training).
 
     Returns:
       ``{"recall@20": ..., ..., "mrr": ..., "protocol": "implicit-holdout", "scored_users": n,
       "candidates": number of items with a training interaction}``.
     """
     ks = sorted({int(k) for k in ks})
-    known = np.zeros(num_items, bool)
-    known[train_items] = True
+    if known is None:
+        known = np.zeros(num_items, bool)
+        known[train_items] = True
     kmax = min(ks[-1], int(known.sum()))
     seen = _group(np.asarray(train_users), np.asarray(train_items))
     candidates_test = known[test_items]

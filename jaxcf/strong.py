@@ -19,6 +19,11 @@ For a config and a dataset:
 ``choose_prior_scale`` picks fold-in's regularisation on the *training* users only: the same protocol
 run inside the base model's rows, so the reported held-out users never inform the choice.
 
+Implicit-feedback models (``run_implicit``): the same users and rows over the interactions; the three
+answers are scored with the implicit protocol's metrics (``jaxcf.ranking.implicit_metrics``): a held-out
+user's candidates are the items with a training interaction in the base model, minus their history;
+relevant are their target items among them. The fallback answer ranks by popularity (the cold start).
+
 What does not live here: fold-in itself (``jaxcf.foldin``), the CLI (``jaxcf.crossval --protocol strong``).
 """
 
@@ -33,7 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from jaxcf import evaluate, trainer
+from jaxcf import evaluate, ranking, trainer
 from jaxcf.config import Config
 from jaxcf.data import Dataset, Split, random_split
 from jaxcf.data.ratings import ratings_from_frame
@@ -88,15 +93,15 @@ def _frame(dataset: Dataset, rows: np.ndarray, cols: Sequence[str]) -> pd.DataFr
                          cols[2]: r.ratings[rows]})
 
 
-def _dataset(frame: pd.DataFrame, config: Config, extra_train: int = 0) -> Dataset:
+def _dataset(frame: pd.DataFrame, config: Config, extra_train: int = 0, implicit: float | None = None) -> Dataset:
     """A Dataset of ``frame``: the config's random split of its first rows, and its last ``extra_train`` rows
-    always in training."""
+    always in training (``implicit``: the interactions' threshold, for implicit-feedback rows)."""
     data = config.data
     table = ratings_from_frame(frame, data.user_col, data.item_col, data.rating_col)
     base = len(frame) - extra_train
     split = random_split(base, data.valid_fraction, config.seed)
     train = np.concatenate([split.train, np.arange(base, len(frame))])
-    return Dataset(table, Split(train, split.valid, name="strong"), None)
+    return Dataset(table, Split(train, split.valid, name="strong"), None, implicit_threshold=implicit)
 
 
 def score(model: Model, targets: pd.DataFrame, history: pd.DataFrame, cols: Sequence[str]) -> dict:
@@ -179,3 +184,62 @@ def choose_prior_scale(config: Config, dataset: Dataset, scales: Sequence[float]
         predictions = folded.predict(targets[cols[0]].tolist(), targets[cols[1]].tolist()).ratings
         figures[float(scale)] = math.sqrt(evaluate.mse(predictions, targets[cols[2]].to_numpy()))
     return min(figures, key=figures.get), figures
+
+
+def score_implicit(model: Model, answer: str, users: list, history: pd.DataFrame, targets: pd.DataFrame,
+                   candidates: np.ndarray, cols: Sequence[str]) -> dict:
+    """The implicit protocol's metrics of one answer for the held-out ``users`` (see the module docstring).
+
+    Args:
+      answer: ``"fallback"`` (rank by training interactions per item) or a model that knows the users.
+      candidates: raw ids of the items with a training interaction in the base model.
+    """
+    position = {user: n for n, user in enumerate(users)}
+
+    def pairs(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        items, known = model.lookup_items(frame[cols[1]].tolist())
+        return (np.asarray([position[u] for u in frame[cols[0]].tolist()], np.int64)[known], items[known])
+
+    known_items = np.isin(model.item_ids.raw, candidates)
+    if answer == "fallback":
+        popularity = np.asarray(model.item_counts, np.float32)
+
+        def score_fn(block):
+            return np.tile(popularity, (len(block), 1))
+    else:
+        raw = np.asarray(users, dtype=object)
+
+        def score_fn(block):
+            return model.scores(raw[np.asarray(block)].tolist())
+    return ranking.implicit_metrics(score_fn, model.num_items, *pairs(history), *pairs(targets), known=known_items)
+
+
+def run_implicit(config: Config, dataset: Dataset, *, held_fraction: float = 0.1, history_fraction: float = 0.8,
+                 joint: bool = True) -> dict:
+    """The protocol for an implicit-feedback model on the interactions ``dataset`` (its split is not used)."""
+    cols = (config.data.user_col, config.data.item_col, config.data.rating_col)
+    held = hold_out(dataset, held_fraction, history_fraction, config.seed)
+    train_frame, history, targets = (_frame(dataset, rows, cols) for rows in (held.train, held.history, held.targets))
+    users = sorted(set(dataset.ratings.user_ids.raw[held.users].tolist()), key=str)
+    result = {"held_users": len(held.users), "history_interactions": len(held.history),
+              "target_interactions": len(held.targets), "train_interactions": len(held.train)}
+    threshold = dataset.implicit_threshold
+    with open(os.devnull, "w") as silent:
+        start = time.perf_counter()
+        fitted = trainer.fit(config, _dataset(train_frame, config, implicit=threshold), quiet=True, out=silent)
+        base = Model(fitted.export())
+        result["base_seconds"] = time.perf_counter() - start
+        candidates = base.item_ids.raw[np.asarray(base.item_counts) > 0]
+        result["fallback"] = score_implicit(base, "fallback", users, history, targets, candidates, cols)
+        start = time.perf_counter()
+        folded = base.fold_in(history, user_col=cols[0], item_col=cols[1], rating_col=cols[2])
+        result["fold_in_seconds"] = time.perf_counter() - start
+        result["fold_in"] = score_implicit(folded, "model", users, history, targets, candidates, cols)
+        if joint:
+            start = time.perf_counter()
+            frame = pd.concat([train_frame, history], ignore_index=True)
+            trained = trainer.fit(config, _dataset(frame, config, len(history), threshold), quiet=True, out=silent)
+            result["joint_seconds"] = time.perf_counter() - start
+            result["joint"] = score_implicit(Model(trained.export()), "model", users, history, targets, candidates,
+                                             cols)
+    return result

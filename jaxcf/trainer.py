@@ -33,7 +33,8 @@ import numpy as np
 from jaxcf import bpr, checkpoint, distributed, ease, export, gibbs, ials, members, processes, sgd
 from jaxcf import workdir as wd
 from jaxcf.config import Config, dump, is_implicit, to_dict
-from jaxcf.data import Dataset, interactions
+from jaxcf.data import Dataset
+from jaxcf.data.implicit import from_config as implicit_data
 from jaxcf.data import load as load_dataset
 from jaxcf.errors import JaxcfError, WorkdirError
 from jaxcf.family import Family, family_name
@@ -271,7 +272,7 @@ def fit(
         wd.check(Path(workdir), resume, config)
     dataset = dataset if dataset is not None else load_dataset(config.data, config.seed)
     if is_implicit(config) and dataset.implicit_threshold is None:
-        dataset = interactions(dataset, config.data.implicit_threshold, config.data.valid_fraction, config.seed)
+        dataset = implicit_data(dataset, config.data, config.seed)
     if resume:
         wd.check_data(Path(workdir), dataset.fingerprint())
     family = build_family(config, dataset, layout, orders)

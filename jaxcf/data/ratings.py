@@ -41,6 +41,7 @@ class Ratings:
       user_ids, item_ids: the id maps.
       source: where the table came from (a path or a dataset name).
       sha256: checksum of the bytes the table was parsed from.
+      timestamps: int64[n] when the source has them and they were read (``data.leave_last``), else None.
     """
 
     users: np.ndarray
@@ -50,6 +51,7 @@ class Ratings:
     item_ids: IdMap
     source: str
     sha256: str
+    timestamps: np.ndarray | None = None
 
     @property
     def num_users(self) -> int:
@@ -138,7 +140,7 @@ def read_table(
             hint = " (is the delimiter right?)" if len(header_names) == 1 else ""
             raise DataError(
                 f"{path}: missing column(s) {', '.join(missing)}; the file has: {shown}{hint}. "
-                "Set data.user_col / data.item_col / data.rating_col to match"
+                "Set data.user_col / data.item_col / data.rating_col (data.timestamp_col) to match"
             ) from None
         if "UTF8" in message or "utf8" in message.lower() or "decode" in message.lower():
             raise DataError(f"{path}: not valid UTF-8 text ({message}); re-encode the file as UTF-8") from None
@@ -229,6 +231,35 @@ def ratings_from_columns(
     )
 
 
+def timestamps_from(values, source: str, col: str) -> np.ndarray:
+    """A timestamp column as sortable numbers: int64 or float64 as given, dates as int64 nanoseconds.
+
+    Raises:
+      DataError: missing values, or values that are neither finite numbers nor dates.
+    """
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        values = values.to_pandas()
+    series = pd.Series(values) if not isinstance(values, pd.Series) else values.reset_index(drop=True)
+    missing = series.isna().to_numpy()
+    if missing.any():
+        raise DataError(f"{source}: missing {col} in data row {int(np.argmax(missing)) + 1}; every rating needs a "
+                        "timestamp for data.leave_last")
+    if pd.api.types.is_datetime64_any_dtype(series):
+        return series.to_numpy().astype("datetime64[ns]").astype(np.int64)
+    if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+        out = series.to_numpy()
+        out = out.astype(np.int64) if out.dtype.kind in "iu" else out.astype(np.float64)
+        bad = ~np.isfinite(out) if out.dtype.kind == "f" else np.zeros(len(out), bool)
+        if bad.any():
+            raise DataError(f"{source}: {col} in data row {int(np.argmax(bad)) + 1} is not a finite number")
+        return out
+    try:
+        return pd.to_datetime(series, utc=True, format="ISO8601").to_numpy().astype("datetime64[ns]").astype(np.int64)
+    except (ValueError, TypeError, OverflowError):
+        raise DataError(f"{source}: column {col!r} holds neither numbers nor ISO 8601 dates (data row 1: {series.iloc[0]!r}); "
+                        "data.leave_last orders each user's ratings by it") from None
+
+
 def _id_array(uniques) -> np.ndarray:
     values = np.asarray(uniques)
     return values.astype(np.int64) if values.dtype.kind in "iu" else values.astype(object)
@@ -250,6 +281,7 @@ def load_csv(
     rating_range: tuple[float, float] | None = None,
     source: str | None = None,
     sha256: str | None = None,
+    timestamp_col: str | None = None,
 ) -> Ratings:
     """Reads a ratings CSV (other columns are ignored, as the notebook drops ``timestamp``).
 
@@ -257,6 +289,7 @@ def load_csv(
       path: a CSV file, optionally compressed (``.gz``, ``.bz2``).
       user_col, item_col, rating_col: column names.
       rating_range: reject ratings outside [low, high] when given.
+      timestamp_col: also read this column as the ratings' timestamps (for ``data.leave_last``).
 
     Returns:
       The Ratings table with id maps in order of first appearance.
@@ -265,8 +298,9 @@ def load_csv(
       DataError: with one line saying what is wrong and what to do.
     """
     path = Path(path)
-    table = read_table(path, [user_col, item_col, rating_col], text_columns=(user_col, item_col))
-    return ratings_from_columns(
+    columns = [user_col, item_col, rating_col] + ([timestamp_col] if timestamp_col else [])
+    table = read_table(path, columns, text_columns=(user_col, item_col))
+    ratings = ratings_from_columns(
         _column_values(table, user_col),
         _column_values(table, item_col),
         _column_values(table, rating_col),
@@ -275,6 +309,10 @@ def load_csv(
         rating_range=rating_range,
         names=(user_col, item_col, rating_col),
     )
+    if timestamp_col:
+        ratings = dataclasses.replace(
+            ratings, timestamps=timestamps_from(table.column(timestamp_col), source or str(path), timestamp_col))
+    return ratings
 
 
 def frame_sha256(users: np.ndarray, items: np.ndarray, ratings: np.ndarray) -> str:
@@ -297,6 +335,7 @@ def ratings_from_frame(
     *,
     rating_range: tuple[float, float] | None = None,
     source: str = "DataFrame",
+    timestamp_col: str | None = None,
 ) -> Ratings:
     """A Ratings table from a pandas DataFrame, checked and mapped exactly as :func:`load_csv` does.
 
@@ -305,16 +344,18 @@ def ratings_from_frame(
     """
     if not isinstance(frame, pd.DataFrame):
         raise DataError(f"expected a pandas DataFrame or a path to a CSV; got {type(frame).__name__}")
-    missing = [c for c in (user_col, item_col, rating_col) if c not in frame.columns]
+    wanted = (user_col, item_col, rating_col) + ((timestamp_col,) if timestamp_col else ())
+    missing = [c for c in wanted if c not in frame.columns]
     if missing:
         shown = ", ".join(map(str, list(frame.columns)[:8])) or "(none)"
         raise DataError(
             f"{source}: missing column(s) {', '.join(missing)}; it has: {shown}. "
-            "Set data.user_col / data.item_col / data.rating_col to match"
+            "Set data.user_col / data.item_col / data.rating_col (data.timestamp_col) to match"
         )
     table = ratings_from_columns(
         frame[user_col], frame[item_col], frame[rating_col], source=source, sha256="",
         rating_range=rating_range, names=(user_col, item_col, rating_col),
     )
     digest = frame_sha256(table.user_ids.raw[table.users], table.item_ids.raw[table.items], table.ratings)
-    return dataclasses.replace(table, sha256=digest)
+    stamps = timestamps_from(frame[timestamp_col], source, timestamp_col) if timestamp_col else None
+    return dataclasses.replace(table, sha256=digest, timestamps=stamps)

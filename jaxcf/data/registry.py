@@ -33,8 +33,16 @@ import pandas as pd
 
 from jaxcf.data import download
 from jaxcf.data.download import Archive
-from jaxcf.data.ratings import Ratings, file_sha256, load_csv, ratings_from_columns, ratings_from_frame, read_table
-from jaxcf.data.splits import Split, holdout_split, random_split
+from jaxcf.data.ratings import (
+    Ratings,
+    file_sha256,
+    load_csv,
+    ratings_from_columns,
+    ratings_from_frame,
+    read_table,
+    timestamps_from,
+)
+from jaxcf.data.splits import Split, holdout_split, leave_last_split, random_split
 from jaxcf.errors import DataError
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
@@ -104,7 +112,7 @@ def _movie_titles(payload: bytes) -> dict:
 
 def _ml_latest_small(split: str | None, valid_fraction: float, seed: int, rating_range) -> Dataset:
     payload = read_bundled("ml-latest-small-2016", "ratings.csv")
-    frame = pd.read_csv(io.BytesIO(payload), engine="pyarrow", usecols=["userId", "movieId", "rating"])
+    frame = pd.read_csv(io.BytesIO(payload), engine="pyarrow", usecols=["userId", "movieId", "rating", "timestamp"])
     ratings = ratings_from_columns(
         frame["userId"].to_numpy(),
         frame["movieId"].to_numpy(),
@@ -114,6 +122,7 @@ def _ml_latest_small(split: str | None, valid_fraction: float, seed: int, rating
         rating_range=rating_range,
         names=("userId", "movieId", "rating"),
     )
+    ratings = dataclasses.replace(ratings, timestamps=frame["timestamp"].to_numpy(np.int64))
     if split is not None:
         raise DataError(f"data.split={split!r}: ml-latest-small has no predefined splits; use data.split: null")
     titles = _movie_titles(read_bundled("ml-latest-small-2016", "movies.csv"))
@@ -141,6 +150,7 @@ def _ml_100k(split: str | None, valid_fraction: float, seed: int, rating_range) 
         rating_range=rating_range,
         names=("user", "item", "rating"),
     )
+    ratings = dataclasses.replace(ratings, timestamps=frame["timestamp"].to_numpy(np.int64))
     items = pd.read_csv(
         io.BytesIO(read_bundled("ml-100k", "u.item")), sep="|", header=None, encoding="latin-1",
         usecols=[0, 1], names=["item", "title"],
@@ -228,7 +238,7 @@ def _downloaded_csv(name: str, split, valid_fraction: float, seed: int, rating_r
     _no_split(name, split)
     folder = download.fetch(ARCHIVES[name])
     ratings_path = _required(folder, "ratings.csv")
-    ratings = load_csv(ratings_path, rating_range=rating_range, source=name)
+    ratings = load_csv(ratings_path, rating_range=rating_range, source=name, timestamp_col="timestamp")
     titles = _csv_titles(_required(folder, "movies.csv"))
     return Dataset(ratings, random_split(len(ratings), valid_fraction, seed), titles)
 
@@ -243,7 +253,8 @@ def _downloaded_dat(name: str, movies_encoding: str, split, valid_fraction: floa
     _no_split(name, split)
     folder = download.fetch(ARCHIVES[name])
     ratings_path = _required(folder, "ratings.dat")
-    table = read_table(ratings_path, ["user", "item", "rating"], delimiter=":", header=False, names=DAT_COLUMNS)
+    table = read_table(ratings_path, ["user", "item", "rating", "timestamp"], delimiter=":", header=False,
+                       names=DAT_COLUMNS)
     ratings = ratings_from_columns(
         table.column("user").to_numpy(),
         table.column("item").to_numpy(),
@@ -253,6 +264,7 @@ def _downloaded_dat(name: str, movies_encoding: str, split, valid_fraction: floa
         rating_range=rating_range,
         names=("UserID", "MovieID", "Rating"),
     )
+    ratings = dataclasses.replace(ratings, timestamps=timestamps_from(table.column("timestamp"), name, "Timestamp"))
     titles = _dat_titles(_required(folder, "movies.dat"), movies_encoding)
     return Dataset(ratings, random_split(len(ratings), valid_fraction, seed), titles)
 
@@ -281,9 +293,22 @@ def from_frame(frame, data_config, seed: int) -> Dataset:
         raise DataError("data.split names a predefined split of a registry dataset; it cannot be used with a DataFrame")
     ratings = ratings_from_frame(
         frame, data_config.user_col, data_config.item_col, data_config.rating_col,
-        rating_range=data_config.rating_range,
+        rating_range=data_config.rating_range, timestamp_col=_timestamp_col(data_config),
     )
-    return Dataset(ratings, random_split(len(ratings), data_config.valid_fraction, seed))
+    return _leave_last(Dataset(ratings, random_split(len(ratings), data_config.valid_fraction, seed)), data_config)
+
+
+def _timestamp_col(data_config) -> str | None:
+    return data_config.timestamp_col if data_config.leave_last else None
+
+
+def _leave_last(dataset: Dataset, data_config) -> Dataset:
+    """The dataset with ``data.leave_last``'s split when it is set (``jaxcf.data.splits.leave_last_split``)."""
+    k = data_config.leave_last
+    if not k:
+        return dataset
+    split = leave_last_split(dataset.ratings.users, dataset.ratings.timestamps, k, dataset.ratings.source)
+    return dataclasses.replace(dataset, split=split)
 
 
 def holdout(dataset: Dataset, fraction: float, seed: int) -> Dataset:
@@ -307,13 +332,14 @@ def load(data_config, seed: int) -> Dataset:
             )
         ratings = load_csv(
             data_config.path, data_config.user_col, data_config.item_col, data_config.rating_col,
-            rating_range=data_config.rating_range,
+            rating_range=data_config.rating_range, timestamp_col=_timestamp_col(data_config),
         )
-        return Dataset(ratings, random_split(len(ratings), data_config.valid_fraction, seed))
+        return _leave_last(Dataset(ratings, random_split(len(ratings), data_config.valid_fraction, seed)), data_config)
     loader = DATASETS.get(data_config.name)
     if loader is None:
         raise DataError(
             f"data.name={data_config.name!r} is not a known dataset; choose one of {', '.join(DATASETS)} "
             "or set data.path to a ratings CSV"
         )
-    return loader(data_config.split, data_config.valid_fraction, seed, data_config.rating_range)
+    return _leave_last(loader(data_config.split, data_config.valid_fraction, seed, data_config.rating_range),
+                       data_config)

@@ -62,3 +62,29 @@ def holdout_split(split: Split, fraction: float, seed: int) -> Split:
     inner = np.sort(train_rows[permutation[size:]])
     held = np.sort(train_rows[permutation[:size]])
     return Split(inner, held, name=f"{split.name}-holdout{fraction:g}")
+
+
+def leave_last_split(users: np.ndarray, timestamps: np.ndarray | None, k: int, source: str = "the data") -> Split:
+    """Leave-last-k-out: each user's ``k`` latest ratings by timestamp validate, the rest train.
+
+    Ties in time go to the later row of the file. Users with ``k`` or fewer ratings keep all of them
+    in training (they have no history to learn from otherwise). Both parts keep file order.
+
+    Raises:
+      DataError: no timestamps, or no user with more than ``k`` ratings.
+    """
+    if timestamps is None:
+        raise DataError(f"{source}: has no timestamps; data.leave_last needs a timestamp column (data.timestamp_col)")
+    users = np.asarray(users)
+    rows = np.arange(len(users))
+    order = np.lexsort((rows, timestamps, users))  # by user, then time, then file row
+    sorted_users = users[order]
+    counts = np.bincount(users)
+    ends = np.cumsum(counts)[sorted_users]  # one past each row's user's last sorted position
+    from_end = ends - np.arange(len(users))  # 1 for a user's latest rating
+    chosen = (from_end <= k) & (counts[sorted_users] > k)
+    if not chosen.any():
+        raise DataError(f"data.leave_last={k}: no user of {source} has more than {k} ratings; lower it")
+    mask = np.zeros(len(users), bool)
+    mask[order[chosen]] = True
+    return Split(train=np.flatnonzero(~mask), valid=np.flatnonzero(mask), name=f"last-{k}")

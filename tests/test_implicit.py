@@ -1,0 +1,316 @@
+"""Implicit feedback: the protocol (interactions, split, metrics), iALS proved against the ``implicit``
+library, BPR's step and EASE's closed form against NumPy, and each model through the whole tool chain."""
+
+import json
+import math
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+import jaxcf
+from jaxcf import bpr, config, data, ease, ials, optim, ranking, sparse, train
+from jaxcf.data.implicit import interactions
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def implicit_data():
+    cfg = config.load("bias.yaml")
+    return interactions(data.load(cfg.data, 42), 4.0, 0.2, 42)
+
+
+# ------------------------------------------------------------------------------ the protocol
+
+
+def test_interactions_follow_the_protocol(implicit_data):
+    import io
+
+    from jaxcf.data import registry
+
+    frame = pd.read_csv(io.BytesIO(registry.read_bundled("ml-latest-small-2016", "ratings.csv")))
+    kept = frame[frame.rating >= 4.0].reset_index(drop=True)
+    r = implicit_data.ratings
+    assert len(r) == len(kept) == 51_568 and np.all(r.ratings == 1.0)
+    # Ids in order of first appearance among the interactions.
+    assert r.user_ids.raw.tolist() == kept.userId.unique().tolist()
+    assert r.item_ids.raw.tolist() == kept.movieId.unique().tolist()
+    # Test: the first int(n * 0.2) of RandomState(42).permutation(n), both parts in file order.
+    permutation = np.random.RandomState(42).permutation(len(kept))
+    np.testing.assert_array_equal(implicit_data.split.valid, np.sort(permutation[: int(len(kept) * 0.2)]))
+    assert implicit_data.implicit_threshold == 4.0
+
+
+def _reference_metrics(scores, train_pairs, test_pairs, num_items, ks):
+    """The protocol written out per user in NumPy."""
+    known = np.zeros(num_items, bool)
+    known[[i for _, i in train_pairs]] = True
+    seen, test = {}, {}
+    for u, i in train_pairs:
+        seen.setdefault(u, set()).add(i)
+    for u, i in test_pairs:
+        test.setdefault(u, set()).add(i)
+    sums, users, covered = {}, 0, {k: set() for k in ks}
+    for u in sorted(test):
+        candidates = [i for i in range(num_items) if known[i] and i not in seen.get(u, set())]
+        relevant = {i for i in test[u] if i in candidates}
+        if not relevant:
+            continue
+        users += 1
+        ranked = sorted(candidates, key=lambda i: (-scores[u, i], i))
+        first = next(r for r, i in enumerate(ranked, 1) if i in relevant)
+        sums["mrr"] = sums.get("mrr", 0) + 1 / first
+        for k in ks:
+            top = ranked[:k]
+            hits = [i in relevant for i in top]
+            n = min(k, len(relevant))
+            dcg = sum(h / math.log2(r + 2) for r, h in enumerate(hits))
+            idcg = sum(1 / math.log2(r + 2) for r in range(n))
+            ap = sum(sum(hits[: r + 1]) / (r + 1) for r, h in enumerate(hits) if h) / n
+            for name, value in (("recall", sum(hits) / n), ("ndcg", dcg / idcg), ("map", ap), ("hit", any(hits))):
+                sums[f"{name}@{k}"] = sums.get(f"{name}@{k}", 0) + value
+            covered[k] |= set(top)
+    out = {name: value / users for name, value in sums.items()}
+    out.update({f"coverage@{k}": len(covered[k]) / known.sum() for k in ks})
+    return out, users
+
+
+def test_implicit_metrics_match_a_direct_computation():
+    rng = np.random.default_rng(0)
+    num_users, num_items = 30, 40
+    pairs = {(int(u), int(i)) for u, i in zip(rng.integers(0, num_users, 400), rng.integers(0, num_items, 400))}
+    pairs = sorted(pairs)
+    test_mask = rng.random(len(pairs)) < 0.25
+    train_pairs = [p for p, t in zip(pairs, test_mask) if not t]
+    test_pairs = [p for p, t in zip(pairs, test_mask) if t]
+    scores = rng.normal(size=(num_users, num_items)).astype(np.float32)
+    ks = (3, 5, 10)
+    got = ranking.implicit_metrics(lambda users: jnp.asarray(scores[users]), num_items,
+                                   *map(np.asarray, zip(*train_pairs)), *map(np.asarray, zip(*test_pairs)), ks=ks,
+                                   users_per_block=8)
+    want, users = _reference_metrics(scores, train_pairs, test_pairs, num_items, ks)
+    assert got["scored_users"] == users and got["protocol"] == "implicit-holdout"
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+
+
+# ------------------------------------------------------------------------------ iALS against implicit
+
+
+@pytest.mark.parity
+def test_ials_matches_implicit_als_from_the_same_start(implicit_data):
+    """jaxcf's exact iALS and implicit's ALS(use_cg=False, float64) agree after 3 sweeps.
+
+    Tolerance: jaxcf solves in float32; each sweep's F x F solves round at ~1e-7 relative, and the
+    alternation carries it along: measured 2.2e-6 after 2 sweeps on items of magnitude ~5. 2e-5 of
+    the largest entry leaves room for 3 sweeps and other CPUs' summation orders.
+    """
+    import scipy.sparse as sp
+    import threadpoolctl
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    r, train = implicit_data.ratings, implicit_data.split.train
+    factors, alpha, reg, sweeps = 16, 2.0, 0.5, 3
+    cfg = config.load("bias.yaml", ["model.kind=ials", f"model.n_factors={factors}", f"implicit.alpha={alpha}",
+                                    f"implicit.regularization={reg}"])
+    matrix = sp.csr_matrix((np.ones(len(train)), (r.users[train], r.items[train])), shape=(r.num_users, r.num_items))
+    rng = np.random.default_rng(0)
+    start_users, start_items = rng.normal(0, 0.1, (r.num_users, factors)), rng.normal(0, 0.1, (r.num_items, factors))
+    reference = AlternatingLeastSquares(factors=factors, regularization=reg, alpha=1 + alpha, iterations=sweeps,
+                                        use_cg=False, dtype=np.float64, random_state=0, num_threads=1,
+                                        calculate_training_loss=False)
+    reference.user_factors, reference.item_factors = start_users.copy(), start_items.copy()
+    with threadpoolctl.threadpool_limits(1, "blas"):  # implicit's advice: its own threads, one BLAS thread
+        reference.fit(matrix, show_progress=False)
+    family = ials.family(cfg, implicit_data)
+    state = ials.ALSState(jnp.asarray(start_users, jnp.float32), jnp.asarray(start_items, jnp.float32))
+    for number in range(sweeps):
+        state, _ = family.epoch(state, number)
+    for name, got, want in (("users", state.users, reference.user_factors),
+                            ("items", state.items, reference.item_factors)):
+        diff = float(np.max(np.abs(np.asarray(got, np.float64) - want)))
+        assert diff <= 2e-5 * float(np.max(np.abs(want))), f"{name}: max |jaxcf - implicit| = {diff:.3g}"
+    ours = family.record(state, sweeps - 1, np.zeros(1), {})[0]
+    theirs = ranking.implicit_metrics(lambda u: jnp.asarray(reference.user_factors[u] @ reference.item_factors.T),
+                                      r.num_items, r.users[train], r.items[train],
+                                      r.users[implicit_data.split.valid], r.items[implicit_data.split.valid])
+    for key in ("ndcg@20", "recall@20", "map@20", "mrr"):
+        assert ours[key] == pytest.approx(theirs[key], abs=2e-3), key
+
+
+def test_conjugate_gradient_converges_to_the_exact_solve(implicit_data):
+    exact_cfg = config.load("bias.yaml", ["model.kind=ials", "model.n_factors=8"])
+    cg_cfg = config.load("bias.yaml", ["model.kind=ials", "model.n_factors=8", "implicit.solver=cg",
+                                       "implicit.cg_steps=8"])
+    exact, cg = ials.family(exact_cfg, implicit_data), ials.family(cg_cfg, implicit_data)
+    a, b = exact.init(), cg.init()
+    for number in range(3):
+        a, _ = exact.epoch(a, number)
+        b, _ = cg.epoch(b, number)
+    # 8 CG steps in 8 dimensions solve each system exactly (up to rounding), from any start.
+    np.testing.assert_allclose(np.asarray(b.users), np.asarray(a.users), rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------ BPR and EASE against NumPy
+
+
+def test_a_bpr_step_is_gradient_descent_on_the_bpr_loss():
+    rng = np.random.default_rng(1)
+    params = {"user_embedding": rng.normal(0, 0.3, (3, 2)).astype(np.float32),
+              "item_embedding": rng.normal(0, 0.3, (4, 2)).astype(np.float32),
+              "item_bias": rng.normal(0, 0.1, (4, 1)).astype(np.float32)}
+    cfg = config.load("bias.yaml", ["model.kind=bpr", "optim.name=sgd", "optim.learning_rate=0.5",
+                                    "optim.weight_decay=0", "implicit.l2=0.01"])
+    optimizer = optim.build(cfg.optim, 1)
+    packed = sparse.pack(optimizer, {k: jnp.asarray(v) for k, v in params.items()}, optimizer.init(params))
+    step = bpr.make_step(optimizer, 1, 0.01, 4)
+    import jax
+
+    key = jax.random.key(7)
+    users, positives = jnp.asarray([0, 2, 0]), jnp.asarray([1, 3, 2])
+    new, loss = step(packed, key, users, positives, jnp.ones(3))
+    negatives = np.asarray(jax.random.randint(key, (3, 1), 0, 4, jnp.int32))[:, 0]
+    # NumPy: the loss's gradient with respect to each table, then one SGD step.
+    u, v, b = (params[k].astype(np.float64) for k in ("user_embedding", "item_embedding", "item_bias"))
+    grads = {"u": np.zeros_like(u), "v": np.zeros_like(v), "b": np.zeros_like(b)}
+    total = 0.0
+    for user, pos, neg in zip(users.tolist(), positives.tolist(), negatives.tolist()):
+        x = u[user] @ (v[pos] - v[neg]) + b[pos, 0] - b[neg, 0]
+        total += np.log1p(np.exp(-x)) / 3
+        g = -1 / (1 + np.exp(x)) / 3
+        grads["u"][user] += g * (v[pos] - v[neg]) + 2 * 0.01 * u[user] / 3
+        grads["v"][pos] += g * u[user] + 2 * 0.01 * v[pos] / 3
+        grads["v"][neg] += -g * u[user] + 2 * 0.01 * v[neg] / 3
+        grads["b"][pos, 0] += g + 2 * 0.01 * b[pos, 0] / 3
+        grads["b"][neg, 0] += -g + 2 * 0.01 * b[neg, 0] / 3
+    got, _ = sparse.unpack(optimizer, new)
+    assert float(loss) == pytest.approx(total, rel=1e-5)
+    np.testing.assert_allclose(got["user_embedding"], u - 0.5 * grads["u"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["item_embedding"], v - 0.5 * grads["v"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["item_bias"], b - 0.5 * grads["b"], rtol=1e-5, atol=1e-6)
+
+
+def test_ease_is_steck_s_closed_form():
+    rng = np.random.default_rng(2)
+    x = (rng.random((12, 7)) < 0.4).astype(np.float64)
+    x[:, 6] = 0  # an item nobody has: its row and column stay zero
+    users, items = np.nonzero(x)
+    b = ease.solve(users, items, 12, 7, lam=3.0)
+    gram = x[:, :6].T @ x[:, :6] + 3.0 * np.eye(6)
+    p = np.linalg.inv(gram)
+    expected = np.eye(6) - p / np.diag(p)[None, :]
+    np.testing.assert_allclose(b[:6, :6], expected, atol=1e-6)
+    assert np.all(np.diag(b) == 0) and not b[6].any() and not b[:, 6].any()
+    # The constrained minimiser: the gradient of |X - XB|^2 + lambda |B|^2 is zero off the diagonal.
+    grad = -2 * x.T @ (x - x @ b) + 2 * 3.0 * b
+    off = ~np.eye(7, dtype=bool)
+    assert np.abs(grad[off]).max() < 1e-4
+
+
+# ------------------------------------------------------------------------------ the tool chain
+
+
+@pytest.mark.parametrize("kind", ["ials", "bpr", "ease"])
+def test_each_model_trains_resumes_exports_loads_recommends_and_folds_in(kind, tmp_path, capsys):
+    small = ["data.name=ml-100k", "model.n_factors=8"]
+    short = {"ials": ["train.epochs=4"], "bpr": ["train.batch_size=4096", "train.epochs=4"], "ease": []}[kind]
+    argv = ["--config", f"{kind}.yaml", "--quiet", "--set", *small, *short]
+    assert train.main([*argv, "--workdir", str(tmp_path / "full")]) == 0
+    out = capsys.readouterr().out
+    assert "recall@20" in out and "final ndcg@20" in out
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    final = records[-1]
+    assert final["final"] and final["protocol"] == "implicit-holdout" and final["scored_users"] > 0
+    for k in (10, 20, 50):
+        for name in ("recall", "ndcg", "map", "hit", "coverage"):
+            assert 0 <= final[f"{name}@{k}"] <= 1, (name, k)
+    if kind != "ease":  # resume: two epochs, then the rest, bitwise equal to the uninterrupted run
+        epochs = int(short[-1].split("=")[1])
+        assert train.main([*argv[:-1], argv[-1].replace(f"={epochs}", "=2"), "--workdir", str(tmp_path / "part")]) == 0
+        assert train.main([*argv, "--workdir", str(tmp_path / "part"), "--resume"]) == 0
+        weights = [(tmp_path / run / "model" / "weights.safetensors").read_bytes() for run in ("part", "full")]
+        assert weights[0] == weights[1]
+    model = jaxcf.load_model(tmp_path / "full")
+    assert model.metadata["model"]["family"] == kind and model.kind == "dot"
+    ranking = model.recommend(1, k=5)
+    seen = set(model.item_ids.raw[model.seen(int(model.lookup_users(1)[0][0]))].tolist())
+    assert len(ranking.ids) == 5 and not seen & set(ranking.ids.tolist())
+    assert len(model.similar_items(int(model.item_ids.raw[0]), k=3).ids) == 3
+    history = pd.DataFrame({"userId": [99999] * 3, "movieId": list(seen)[:3], "rating": [5.0] * 3})
+    folded = model.fold_in(history)
+    assert folded.fold_in_report.users_added == 1 and not folded.predict(99999, list(seen)[0]).fallback[0]
+    assert len(folded.recommend(99999, k=5).ids) == 5
+
+
+# ------------------------------------------------------------------------------ leave-last-k-out and strong
+
+
+def test_leave_last_takes_each_user_s_latest_ratings():
+    from jaxcf.data.splits import leave_last_split
+
+    users = np.asarray([0, 0, 0, 1, 1, 2, 0, 1])
+    stamps = np.asarray([5, 9, 1, 3, 3, 7, 9, 2])  # user 0's two latest tie at 9: the later row wins
+    split = leave_last_split(users, stamps, 1)
+    assert split.valid.tolist() == [4, 6] and split.name == "last-1"  # user 2 has one rating: all in training
+    assert split.train.tolist() == [0, 1, 2, 3, 5, 7]
+    two = leave_last_split(users, stamps, 2)
+    assert two.valid.tolist() == [1, 3, 4, 6]
+
+
+def test_leave_last_on_a_frame_through_fit_and_its_errors():
+    frame = pd.DataFrame({"userId": [1, 1, 1, 2, 2, 2, 3, 3, 3] * 4, "movieId": list(range(36)),
+                          "rating": [5.0, 4.0, 3.0] * 12, "when": pd.date_range("2020-01-01", periods=36, freq="D")})
+    dataset = data.from_frame(frame, config.load(None, ["data.leave_last=2", "data.timestamp_col=when"]).data, 0)
+    r = dataset.ratings
+    for user in range(3):
+        rows = np.flatnonzero(r.users == user)
+        assert set(dataset.split.valid[np.isin(dataset.split.valid, rows)]) == set(rows[-2:])
+    with pytest.raises(data.DataError, match="missing column.*when"):
+        data.from_frame(frame.drop(columns="when"),
+                        config.load(None, ["data.leave_last=1", "data.timestamp_col=when"]).data, 0)
+    with pytest.raises(config.ConfigError, match="both choose"):
+        config.load(None, ["data.leave_last=1", "data.split=u1", "data.name=ml-100k"])
+    with pytest.raises(data.DataError, match="neither numbers nor ISO 8601 dates"):
+        data.from_frame(frame.assign(when="soon"),
+                        config.load(None, ["data.leave_last=1", "data.timestamp_col=when"]).data, 0)
+
+
+def test_implicit_leave_last_holds_out_each_user_s_latest_interaction():
+    cfg = config.load("ials.yaml", ["data.leave_last=1"])
+    dataset = data.interactions(data.load(cfg.data, 42), 4.0, 0.2, 42, leave_last=1)
+    r, split = dataset.ratings, dataset.split
+    assert split.name == "last-1-implicit" and len(np.unique(r.users[split.valid])) == len(split.valid)
+    latest = pd.DataFrame({"u": r.users, "t": r.timestamps}).groupby("u").t.max()
+    assert np.all(r.timestamps[split.valid] == latest.loc[r.users[split.valid]].to_numpy())
+
+
+def test_model_scores_rank_as_recommend_does(tmp_path):
+    assert train.main(["--config", "ials.yaml", "--quiet", "--workdir", str(tmp_path), "--set", "data.name=ml-100k",
+                       "model.n_factors=8", "train.epochs=2"]) == 0
+    model = jaxcf.load_model(tmp_path)
+    scores = model.scores([1, 2])
+    assert scores.shape == (2, model.num_items)
+    row = scores[0].copy()
+    row[model.seen(int(model.lookup_users(1)[0][0]))] = -np.inf
+    assert model.item_ids.raw[np.argsort(-row, kind="stable")[:5]].tolist() == model.recommend(1, k=5).ids.tolist()
+    with pytest.raises(jaxcf.UnknownIdError, match="unknown user id 99999"):
+        model.scores([99999])
+
+
+def test_strong_generalisation_for_an_implicit_model(tmp_path, capsys):
+    from jaxcf import crossval
+
+    out = tmp_path / "strong.json"
+    assert crossval.main(["--config", "ials.yaml", "--protocol", "strong", "--out", str(out), "--set",
+                          "data.name=ml-100k", "model.n_factors=16", "train.epochs=4"]) == 0
+    result = json.loads(out.read_text())["splits"][0]
+    answers = [result[a] for a in ("fallback", "fold_in", "joint")]
+    # The same held-out users and relevant items are scored for each answer.
+    assert len({a["scored_users"] for a in answers}) == 1 and answers[0]["scored_users"] > 50
+    # Folding a user's history in beats ranking by popularity; it stays near retraining with them.
+    assert answers[1]["ndcg@20"] > answers[0]["ndcg@20"] + 0.02
+    assert abs(answers[1]["ndcg@20"] - answers[2]["ndcg@20"]) < 0.05
+    assert "fold_in   ndcg@20" in capsys.readouterr().out
