@@ -50,8 +50,8 @@ from jaxcf.config import (
     to_dict,
 )
 from jaxcf.data import Dataset, holdout
-from jaxcf.data.implicit import from_config as implicit_data
 from jaxcf.data import load as load_dataset
+from jaxcf.data.implicit import from_config as implicit_data
 from jaxcf.fileio import atomic_write_text, strict_json
 
 SUMMARY_METRICS = ("valid_rmse", "valid_mae", "precision@10", "recall@10", "ndcg@10")

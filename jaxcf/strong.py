@@ -118,8 +118,8 @@ def score(model: Model, targets: pd.DataFrame, history: pd.DataFrame, cols: Sequ
     lists = model.recommend_many(users, k=kmax + max((len(seen.get(u, ())) for u in users), default=0))
     discounts = 1.0 / np.log2(np.arange(2, kmax + 2))
     sums = {f"{name}@{k}": 0.0 for k in KS for name in ("precision", "recall", "ndcg")}
-    for user, ranking in zip(users, lists):
-        ranked = [i for i in ranking.ids.tolist() if i not in seen.get(user, set())][:kmax]
+    for user, answer in zip(users, lists):
+        ranked = [i for i in answer.ids.tolist() if i not in seen.get(user, set())][:kmax]
         hits = np.asarray([i in relevant[user] for i in ranked] + [False] * (kmax - len(ranked)), float)
         for k in KS:
             ideal = np.sum(discounts[: min(k, len(relevant[user]))])

@@ -34,8 +34,8 @@ from jaxcf import bpr, checkpoint, distributed, ease, export, gibbs, ials, membe
 from jaxcf import workdir as wd
 from jaxcf.config import Config, dump, is_implicit, to_dict
 from jaxcf.data import Dataset
-from jaxcf.data.implicit import from_config as implicit_data
 from jaxcf.data import load as load_dataset
+from jaxcf.data.implicit import from_config as implicit_data
 from jaxcf.errors import JaxcfError, WorkdirError
 from jaxcf.family import Family, family_name
 from jaxcf.fileio import atomic_write_text, strict_json

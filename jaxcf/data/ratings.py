@@ -256,8 +256,8 @@ def timestamps_from(values, source: str, col: str) -> np.ndarray:
     try:
         return pd.to_datetime(series, utc=True, format="ISO8601").to_numpy().astype("datetime64[ns]").astype(np.int64)
     except (ValueError, TypeError, OverflowError):
-        raise DataError(f"{source}: column {col!r} holds neither numbers nor ISO 8601 dates (data row 1: {series.iloc[0]!r}); "
-                        "data.leave_last orders each user's ratings by it") from None
+        raise DataError(f"{source}: column {col!r} holds neither numbers nor ISO 8601 dates (data row 1: "
+                        f"{series.iloc[0]!r}); data.leave_last orders each user's ratings by it") from None
 
 
 def _id_array(uniques) -> np.ndarray:
