@@ -54,7 +54,7 @@ class Settings(NamedTuple):
 
 
 def solve_side(own: jax.Array, other: jax.Array, side: Side, counts: jax.Array, settings: Settings,
-               num_rows: int | None = None) -> jax.Array:
+               num_rows: int | None = None, num_other: int | None = None) -> jax.Array:
     """New rows of one side given the other (see the module docstring).
 
     Args:
@@ -62,12 +62,12 @@ def solve_side(own: jax.Array, other: jax.Array, side: Side, counts: jax.Array, 
       other: float32[O, F] the other side's rows.
       side: this side's interactions (``jaxcf.gibbs.make_side`` with targets 1).
       counts: float32[R] interactions per row (for the frequency-scaled L2).
-      num_rows: rows that are real (a mesh pads the rest, which stay zero).
+      num_rows, num_other: rows of each side that are real (a mesh pads the rest, which stay zero).
     """
     alpha = settings.alpha
     size = other.shape[1]
     gram_all = jnp.matmul(other.T, other, precision=linalg.HIGHEST)
-    reg = settings.regularization * (alpha * counts + other.shape[0]) ** settings.exponent
+    reg = row_regularization(counts, num_other or other.shape[0], settings)
     if settings.solver == "cholesky":
         gram, rhs = normal_equations(other, side, own.shape[0])
         system = gram_all[None] + alpha * gram + reg[:, None, None] * jnp.eye(size)[None]
@@ -77,6 +77,11 @@ def solve_side(own: jax.Array, other: jax.Array, side: Side, counts: jax.Array, 
     if num_rows is not None and num_rows < own.shape[0]:
         rows = jnp.where((jnp.arange(own.shape[0]) < num_rows)[:, None], rows, 0.0)
     return rows
+
+
+def row_regularization(counts: jax.Array, num_other: int, settings: Settings) -> jax.Array:
+    """Each row's L2 weight: ``lambda * (alpha * |row's interactions| + |other side|) ** reg_exponent``."""
+    return settings.regularization * (settings.alpha * counts + num_other) ** settings.exponent
 
 
 def _observed_product(x: jax.Array, other: jax.Array, side: Side) -> jax.Array:
@@ -130,23 +135,26 @@ def make_sweep(user_side: Side, item_side: Side, user_counts, item_counts, setti
     """``state -> state``: one sweep (users from items, then items from the new users); not jitted."""
 
     def sweep(state: ALSState) -> ALSState:
-        users = solve_side(state.users, state.items, user_side, user_counts, settings, num_users)
-        items = solve_side(state.items, users, item_side, item_counts, settings, num_items)
+        users = solve_side(state.users, state.items, user_side, user_counts, settings, num_users, num_items)
+        items = solve_side(state.items, users, item_side, item_counts, settings, num_items, num_users)
         return ALSState(users, items)
 
     return sweep
 
 
-def loss(state: ALSState, train_users: jax.Array, train_items: jax.Array, settings: Settings) -> jax.Array:
+def loss(state: ALSState, train_users: jax.Array, train_items: jax.Array, settings: Settings, counts: tuple,
+         num_users: int, num_items: int) -> jax.Array:
     """The objective per pair: ``(sum_all c (p - x.v)^2 + L2) / (U * I)``, with the sum over every pair
-    from the Gram matrices (``sum_ui (x_u . v_i)^2 = <U'U, V'V>``)."""
+    from the Gram matrices (``sum_ui (x_u . v_i)^2 = <U'U, V'V>``) and each row's L2 weight as its solve's
+    (:func:`row_regularization`); rows a mesh pads are zero and count for nothing."""
     alpha = settings.alpha
     grams = jnp.sum(jnp.matmul(state.users.T, state.users, precision=linalg.HIGHEST)
                     * jnp.matmul(state.items.T, state.items, precision=linalg.HIGHEST))
     predicted = jnp.sum(state.users[train_users] * state.items[train_items], axis=1)
     observed = jnp.sum((1 + alpha) * (1 - predicted) ** 2 - predicted**2)
-    l2 = settings.regularization * (jnp.sum(state.users**2) + jnp.sum(state.items**2))
-    return (grams + observed + l2) / (state.users.shape[0] * state.items.shape[0])
+    l2 = (jnp.sum(row_regularization(counts[0], num_items, settings) * jnp.sum(state.users**2, axis=1))
+          + jnp.sum(row_regularization(counts[1], num_users, settings) * jnp.sum(state.items**2, axis=1)))
+    return (grams + observed + l2) / (num_users * num_items)
 
 
 def settings_of(config: Config) -> Settings:
@@ -173,7 +181,7 @@ def family(config: Config, dataset: Dataset, layout=None) -> Family:
     def run(state, sides, counts):
         sweep = make_sweep(sides[0], sides[1], counts[0], counts[1], settings, num_users, num_items)
         new = sweep(state)
-        return new, loss(new, jnp.asarray(users_t), jnp.asarray(items_t), settings)
+        return new, loss(new, jnp.asarray(users_t), jnp.asarray(items_t), settings, counts, num_users, num_items)
 
     data = ((user_side, item_side), (user_counts, item_counts))
     if layout is None:

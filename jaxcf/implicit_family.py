@@ -36,7 +36,8 @@ def metrics(dataset: Dataset, params, layout=None) -> dict:
             return score_block(device, jnp.asarray(users, jnp.int32), None)
     else:
         def score(users):
-            return layout.fetch(lambda p, u: score_block(p, u, None), params, np.asarray(users, np.int32))
+            scores = layout.fetch(lambda p, u: score_block(p, u, None), params, np.asarray(users, np.int32))
+            return scores[:, : ratings.num_items]  # the item table is padded to the mesh
 
     return ranking.implicit_metrics(
         score, ratings.num_items, ratings.users[split.train], ratings.items[split.train],

@@ -13,7 +13,7 @@ computes the single-device references in its own process and makes every compari
 ``OUT/resume/``                    a CLI run on SMALL_CSV: 1 epoch under 2x4 (tables padded to a
                                    multiple of 4 rows), resumed to 2 under 1x8 (a multiple of 8)
 ``OUT/family-<name>/``             CLI runs of the other families under 2x4 on SMALL_CSV: a
-                                   4-member ensemble and a Gibbs sampler (FAMILY_CASES)
+                                   4-member ensemble, a Gibbs sampler and iALS (FAMILY_CASES)
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ FAMILY_CASES = {
     "ensemble": ["ensemble.size=4", "train.epochs=2", "model.n_factors=8"],
     "gibbs": ["model.kind=dot", "ensemble.method=gibbs", "ensemble.size=4", "ensemble.chains=2",
               "ensemble.burn_in=2", "train.epochs=6", "model.n_factors=4"],
+    "ials": ["model.kind=ials", "train.epochs=3", "model.n_factors=8", "data.implicit_threshold=3.0",
+             "implicit.reg_exponent=1", "implicit.regularization=0.01"],
 }
 
 

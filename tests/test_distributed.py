@@ -50,8 +50,11 @@ METRIC_ATOL = 1e-6
 # The other families on 2x4 (FAMILY_CASES). The ensemble is 4 SGD models: as ATOL_SMALL. The Gibbs
 # sampler sums its hyper-parameter statistics over sharded rows in another order; each sweep then
 # draws from a distribution whose parameters moved by float32 rounding, and 6 sweeps carry it on.
-FAMILY_ATOL = {"ensemble": ATOL_SMALL, "gibbs": 1e-3}
-FAMILY_METRIC_ATOL = {"ensemble": METRIC_ATOL, "gibbs": 1e-4}
+# iALS sums each side's Gram matrix over sharded rows (a psum across the model axis) in another order
+# than one device; 3 sweeps of float32 solves carry that rounding along.
+FAMILY_ATOL = {"ensemble": ATOL_SMALL, "gibbs": 1e-3, "ials": 1e-4}
+FAMILY_METRIC_ATOL = {"ensemble": METRIC_ATOL, "gibbs": 1e-4, "ials": 1e-6}
+FAMILY_METRICS = {"ials": ("train_loss", "ndcg@20", "recall@20", "map@20", "mrr")}
 
 
 def _env(devices: int, **extra: str) -> dict:
@@ -294,15 +297,15 @@ def test_a_checkpoint_resumes_under_other_meshes_and_on_one_device(worker, small
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(worker_cases.FAMILY_CASES))
 def test_every_family_trains_on_the_mesh_as_on_one_device(name, worker, small_csv, tmp_path):
-    """A 4-member ensemble and the Gibbs sampler on 2x4 (both tables padded) against one device."""
+    """A 4-member ensemble, the Gibbs sampler and iALS on 2x4 (both tables padded) against one device."""
     overrides = [f"data.path={small_csv}", *worker_cases.FAMILY_CASES[name]]
     assert _cli(tmp_path / "single", *overrides) == 0
     sharded, single = worker / f"family-{name}", tmp_path / "single"
     got, want = _metrics(sharded), _metrics(single)
     assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
     for g, w in zip(got, want):
-        for key in ("valid_rmse", "valid_mae"):
-            assert g[key] == pytest.approx(w[key], abs=FAMILY_METRIC_ATOL[name]), f"epoch {w['epoch']} {key}"
+        for key in FAMILY_METRICS.get(name, ("valid_rmse", "valid_mae")):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=FAMILY_METRIC_ATOL[name]), f"epoch {w['epoch']} {key}"
     _assert_params_close(_weights(sharded), _weights(single), FAMILY_ATOL[name])
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcf import catalogue, config, gibbs, models, ranking, steps
+from jaxcf import bpr, catalogue, config, foldin, foldin_implicit, gibbs, ials, models, optim, ranking, steps
 from jaxcf.members import Member, init_members, make_optimizer
 from jaxcf.sgd import init_state, make_setup
 
@@ -81,6 +81,55 @@ def _programs():
     scores = jnp.zeros((4, ITEMS))
     out.append(("ranking-hits", jax.jit(lambda s, a, b, c, d: ranking._top_hits(s, a, b, c, d, 3)),
                 (scores, *mask, *mask)))
+    out.append(("score-rows", jax.jit(lambda p, u: catalogue._score_rows(p, u, None)), (stacked, block)))
+    out.append(("implicit-block", jax.jit(lambda s, e, r: ranking._implicit_block(s, e, r, 3)),
+                (scores, jnp.zeros((4, ITEMS), bool), jnp.zeros((4, ITEMS), bool))))
+    out.extend(_implicit_programs(dataset))
+    out.extend(_fold_in_programs(params))
+    return out
+
+
+def _implicit_programs(dataset):
+    """The iALS sweep (exact and conjugate-gradient solves) and BPR's epoch."""
+    ratings, train = dataset.ratings, dataset.split.train
+    ones = np.ones(len(train))
+    user_side = gibbs.make_side(ratings.users[train], ratings.items[train], ones, USERS, ITEMS)
+    item_side = gibbs.make_side(ratings.items[train], ratings.users[train], ones, ITEMS, USERS)
+    counts = (jnp.asarray(np.bincount(ratings.users[train], minlength=USERS), jnp.float32),
+              jnp.asarray(np.bincount(ratings.items[train], minlength=ITEMS), jnp.float32))
+    state = ials.ALSState(jnp.ones((USERS, FACTORS)), jnp.ones((ITEMS, FACTORS)))
+    out = []
+    for solver in ("cholesky", "cg"):
+        cfg = config.load("ials.yaml", [f"model.n_factors={FACTORS}", f"implicit.solver={solver}"])
+        sweep = ials.make_sweep(user_side, item_side, *counts, ials.settings_of(cfg), USERS, ITEMS)
+        out.append((f"ials-sweep-{solver}", jax.jit(sweep), (state,)))
+    cfg = config.load("bpr.yaml", [f"model.n_factors={FACTORS}", f"train.batch_size={BATCH}"])
+    optimizer = optim.build(cfg.optim, 10)
+    params = bpr.init_params(cfg, USERS, ITEMS)
+    bpr_state = steps.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+    epoch = bpr.make_epoch(optimizer, cfg, ITEMS)
+    out.append(("bpr-epoch", epoch, (bpr_state, jax.random.key(0), jnp.asarray(ratings.users[train]),
+                                     jnp.asarray(ratings.items[train]), jnp.arange(len(train), dtype=jnp.int32))))
+    return out
+
+
+def _fold_in_programs(params):
+    """Fold-in's solves: Bayesian ridge (dot), damped Gauss-Newton (bias), iALS and BPR rows."""
+    pairs = 16
+    block = (jnp.arange(pairs, dtype=jnp.int32) % ITEMS, jnp.full(pairs, 4.0), jnp.ones(pairs),
+             jnp.arange(pairs, dtype=jnp.int32) % 2)
+    out = []
+    for name, y_range, d in (("foldin-ridge", None, FACTORS), ("foldin-gauss-newton", (0.5, 5.0), FACTORS + 1)):
+        features, offsets = jnp.ones((1, ITEMS, d)), jnp.zeros((1, ITEMS))
+        prior = (jnp.zeros((1, d)), jnp.eye(d)[None], jnp.ones(1))
+        out.append((name, jax.jit(lambda f, o, m, p, a, i, r, v, w, y=y_range: foldin.solve(
+            f, o, m, p, a, i, r, v, w, 2, y)), (features, offsets, *prior, *block)))
+    table = jnp.asarray(params["item_embedding"])
+    rows = (block[0], block[2], block[3])
+    out.append(("foldin-ials", jax.jit(lambda t, i, v, w: foldin_implicit._ials_rows(t, i, v, w, 2, 1.0, 1.0, 0.0)),
+                (table, *rows)))
+    out.append(("foldin-bpr", jax.jit(lambda t, i, v, w: foldin_implicit._bpr_rows(t, i, v, w, 2, 1e-4)),
+                (table, *rows)))
     return out
 
 
