@@ -19,7 +19,7 @@ For each size, a fresh child process (so that peak RSS is per size) does what a 
 
 ``ratings_per_s`` is training ratings divided by the median wall seconds of the epochs after the
 first (``epoch_s``: the order and the scan). ``overlapped_epoch_s`` is one more epoch with the next
-order drawn while the scan runs, which ``fit`` does not do (slower: see BENCHMARKS.md).
+order drawn while the scan runs, which ``fit`` does not do (measured beside it; BENCHMARKS.md).
 ``peak_rss_bytes`` is the child's peak resident set over everything above (generation, CSV,
 loading, training).
 

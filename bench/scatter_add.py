@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         a, b = runs["default"][case]["us_per_scatter"], runs["ftz_atomics"][case]["us_per_scatter"]
         print(f"{case:34s} {a:11.1f} {b:15.1f}")
     if args.json:
-        result = {"benchmark": "scatter_add", "flag": FLAG, "runs": runs,
+        result = {"benchmark": "scatter_add", "command": " ".join(["python", *sys.argv]), "flag": FLAG, "runs": runs,
                   "machine": machine.describe("jax", "jaxlib"), "load_average": machine.load_average()}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

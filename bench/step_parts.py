@@ -139,6 +139,7 @@ def main(argv=None) -> int:
     if args.json:
         record = {
             "benchmark": "step_parts",
+            "command": " ".join(["python", *sys.argv]),
             "batch_size": args.batch_size,
             "repeats": args.repeats,
             "step_parts_ms": parts,

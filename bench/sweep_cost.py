@@ -133,7 +133,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "sweep_cost.json")
     args = parser.parse_args()
 
-    result = {"machine": machine.describe("jax", "jaxlib", "flax", "optax"), "device": machine.jax_device(),
+    result = {"command": " ".join(["python", *sys.argv]),
+              "machine": machine.describe("jax", "jaxlib", "flax", "optax"), "device": machine.jax_device(),
               "config": args.config, "models": args.models, "epochs": args.epochs, "set": args.set,
               "load_average_before": machine.load_average()}
     result.update(time_epochs(args.config, args.models, args.set, args.repeats))

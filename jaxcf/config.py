@@ -55,7 +55,8 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     # "dot" is the notebook's EmbeddingDotProd, "bias" its EmbeddingDotProdBias (explicit ratings);
-    # "ials", "bpr", "ease" learn from implicit feedback (see the implicit section).
+    # "ials", "bpr", "ease" learn from implicit feedback (see the implicit section); "blend" is
+    # EASE and iALS blended (implicit.blend_ease_weight).
     kind: str = "bias"
     n_factors: int = 50
     # Output range of the biased model's scaled sigmoid; null takes (min, max) of the ratings.
@@ -158,6 +159,9 @@ class ImplicitConfig:
     l2: float = 1.0e-4
     # EASE (Steck 2019): the L2 weight lambda of the closed-form item-item model.
     ease_lambda: float = 500.0
+    # blend (model.kind blend): EASE's scores times this plus iALS's times (1 - this); both models
+    # regress the same 0/1 matrix, so their scores share a scale.
+    blend_ease_weight: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +180,7 @@ class Config:
 
 # Allowed values for enumerated keys: small explicit sets, no getattr dispatch.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.kind": ("dot", "bias", "ials", "bpr", "ease"),
+    "model.kind": ("dot", "bias", "ials", "bpr", "ease", "blend"),
     "implicit.solver": ("cholesky", "cg"),
     "optim.name": ("adamw", "adam", "lazy_adam", "sgd"),
     "optim.schedule": ("constant", "cosine", "onecycle"),
@@ -252,11 +256,11 @@ def validate(config: Config) -> Config:
     return config
 
 
-IMPLICIT_KINDS = ("ials", "bpr", "ease")
+IMPLICIT_KINDS = ("ials", "bpr", "ease", "blend")
 
 
 def is_implicit(config: Config) -> bool:
-    """Whether ``config`` trains an implicit-feedback model (``model.kind`` ials, bpr or ease)."""
+    """Whether ``config`` trains an implicit-feedback model (``model.kind`` ials, bpr, ease or blend)."""
     return config.model.kind in IMPLICIT_KINDS
 
 
@@ -280,6 +284,10 @@ def _validate_implicit(config: Config) -> None:
         raise ConfigError(f"model.kind {kind}: ensembles are of explicit models; set ensemble.size: 1")
     if config.optim.row_l2 or config.optim.schedule != "constant":
         raise ConfigError(f"model.kind {kind}: optim.row_l2 and optim.schedule are for explicit models")
+    if not 0 <= config.implicit.blend_ease_weight <= 1:
+        raise ConfigError(f"implicit.blend_ease_weight: must be in [0, 1]; got {config.implicit.blend_ease_weight!r}")
+    if kind == "blend" and (config.mesh.data * config.mesh.model > 1):
+        raise ConfigError("model.kind blend runs on one device (its EASE part): set mesh.data and mesh.model to 1")
     if kind == "ease":
         if config.train.epochs != 1:
             raise ConfigError("model.kind ease is solved in closed form, in one step: set train.epochs: 1")

@@ -25,7 +25,8 @@ restore and shard any family the same way:
 The families: ``sgd`` (one model by a gradient optimizer: ``jaxcf.sgd``), ``members`` (K such
 models side by side: ``jaxcf.members``), ``gibbs`` (Bayesian MF by Gibbs sampling: ``jaxcf.gibbs``);
 for implicit feedback ``ials`` (alternating least squares: ``jaxcf.ials``), ``bpr`` (pairwise
-ranking by SGD: ``jaxcf.bpr``) and ``ease`` (closed form: ``jaxcf.ease``).
+ranking by SGD: ``jaxcf.bpr``), ``ease`` (closed form: ``jaxcf.ease``) and ``blend`` (EASE and iALS:
+``jaxcf.blend``).
 
 What does not live here: the loop (``jaxcf.trainer``), the families themselves.
 """
@@ -63,7 +64,7 @@ class Family:
 def family_name(config: Config) -> str:
     """Which family trains ``config``: ``ials``, ``bpr``, ``ease``, ``gibbs``, ``members`` (an ensemble of
     seeds) or ``sgd``."""
-    if config.model.kind in ("ials", "bpr", "ease"):
+    if config.model.kind in ("ials", "bpr", "ease", "blend"):
         return config.model.kind
     if config.ensemble.method == "gibbs":
         return "gibbs"

@@ -7,6 +7,7 @@
   ``s_i = u . v_i + b_i``: convex in ``u``, minimised by gradient descent from zero with a step of
   one over its Lipschitz bound, ``BPR_STEPS`` steps.
 - EASE: the user's row is their interaction indicator; nothing to solve.
+- blend (``jaxcf.blend``): each part's row as above, weighted and set side by side.
 
 Rating values are not used (an interaction is an interaction), as in training. The hyper-parameters
 come from the export's config. Same interface as ``jaxcf.foldin.Solver``.
@@ -68,14 +69,17 @@ def _bpr_rows(items_table, items, valid, rows, num_rows, l2):
 
 
 class ImplicitSolver:
-    """Solves users of an implicit-feedback export (``family`` ials, bpr or ease) from their items."""
+    """Solves users of an implicit-feedback export (``family`` ials, bpr, ease or blend) from their items."""
 
     def __init__(self, weights: Mapping[str, np.ndarray], metadata: Mapping):
         model = metadata["model"]
         self.family = model["family"]
         self.members = False
-        self.items_table = jnp.asarray(weights["item_embedding"])
         self.num_items = int(weights["item_embedding"].shape[0])
+        blend = model.get("blend") or {}
+        self.ease_columns = int(blend.get("ease_columns", 0))  # a blend: EASE's columns come first
+        self.ease_weight = float(blend.get("ease_weight", 0.0))
+        self.items_table = jnp.asarray(weights["item_embedding"][:, self.ease_columns:])
         self.features = weights["item_embedding"][None]  # (the interface of jaxcf.foldin.Solver)
         implicit = (metadata.get("config") or {}).get("implicit") or {}
         self.alpha = float(implicit.get("alpha", 1.0))
@@ -86,19 +90,27 @@ class ImplicitSolver:
 
     def solve(self, user_of: np.ndarray, items: np.ndarray, ratings: np.ndarray, num_users: int) -> np.ndarray:
         """float32[1, num_users, d] rows (``ratings`` are not used: every interaction counts as one)."""
-        if self.family == "ease":
+        if self.family in ("ease", "blend"):
             rows = np.zeros((num_users, self.num_items), np.float32)
             rows[user_of, items] = 1.0
-            return rows[None]
+            if self.family == "ease":
+                return rows[None]
+            factors = self._solve(user_of, items, num_users, bpr=False)
+            return np.concatenate([self.ease_weight * rows, (1 - self.ease_weight) * factors], axis=1)[None]
+        if self.family == "ials":
+            return self._solve(user_of, items, num_users, bpr=False)[None]
+        return self._solve(user_of, items, num_users, bpr=True)[None]
+
+    def _solve(self, user_of: np.ndarray, items: np.ndarray, num_users: int, bpr: bool) -> np.ndarray:
         pairs, users = bucket(max(MIN_PAIRS, len(items))), bucket(max(1, num_users))
         pad = pairs - len(items)
         args = (self.items_table, np.pad(items.astype(np.int32), (0, pad)), np.pad(np.ones(len(items), np.float32),
                 (0, pad)), np.pad(user_of.astype(np.int32), (0, pad)), users)
-        if self.family == "ials":
-            out = _ials_rows(*args, self.alpha, self.regularization, self.exponent)
-        else:
+        if bpr:
             out = _bpr_rows(*args, self.l2)
-        return np.asarray(out)[None, :num_users]
+        else:
+            out = _ials_rows(*args, self.alpha, self.regularization, self.exponent)
+        return np.asarray(out)[:num_users]
 
     def tables(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Rows as the export's user table (BPR's with its constant last column)."""

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcf import bpr, checkpoint, distributed, ease, export, gibbs, ials, members, processes, sgd
+from jaxcf import blend, bpr, checkpoint, distributed, ease, export, gibbs, ials, members, processes, sgd
 from jaxcf import workdir as wd
 from jaxcf.config import Config, dump, is_implicit, to_dict
 from jaxcf.data import Dataset
@@ -96,7 +96,7 @@ class Trained:
 def build_family(config: Config, dataset: Dataset, layout=None, orders: Callable | None = None) -> Family:
     """The family that trains ``config`` (``jaxcf.family.family_name``)."""
     name = family_name(config)
-    implicit_families = {"ials": ials.family, "bpr": bpr.family, "ease": ease.family}
+    implicit_families = {"ials": ials.family, "bpr": bpr.family, "ease": ease.family, "blend": blend.family}
     if name in implicit_families:
         return implicit_families[name](config, dataset, layout)
     if name == "gibbs":

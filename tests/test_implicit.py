@@ -247,11 +247,12 @@ def test_ease_is_steck_s_closed_form():
 # ------------------------------------------------------------------------------ the tool chain
 
 
-@pytest.mark.parametrize("kind", ["ials", "bpr", "ease"])
+@pytest.mark.parametrize("kind", ["ials", "bpr", "ease", "blend"])
 def test_each_model_trains_resumes_exports_loads_recommends_and_folds_in(kind, tmp_path, capsys):
     small = ["data.name=ml-100k", "model.n_factors=8"]
-    short = {"ials": ["train.epochs=4"], "bpr": ["train.batch_size=4096", "train.epochs=4"], "ease": []}[kind]
-    argv = ["--config", f"{kind}.yaml", "--quiet", "--set", *small, *short]
+    short = {"ials": ["train.epochs=4"], "bpr": ["train.batch_size=4096", "train.epochs=4"], "ease": [],
+             "blend": ["model.kind=blend", "train.epochs=3"]}[kind]
+    argv = ["--config", f"{kind if kind != 'blend' else 'ials'}.yaml", "--quiet", "--set", *small, *short]
     assert train.main([*argv, "--workdir", str(tmp_path / "full")]) == 0
     out = capsys.readouterr().out
     assert "recall@20" in out and "final ndcg@20" in out

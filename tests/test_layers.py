@@ -17,7 +17,7 @@ CORE = {
     "data.registry", "data.download", "models", "linalg", "sparse", "optim", "steps", "evaluate", "ranking",
     "processes", "distributed", "family", "sgd", "members", "gibbs", "export", "catalogue", "fallback",
     "foldin", "foldin_export", "answers", "foldin_implicit", "ials", "bpr", "ease", "implicit_family",
-    "data.implicit",
+    "data.implicit", "blend",
 }
 TRAINERS = {"checkpoint", "workdir", "trainer"}
 APP = {"__init__", "inference", "api", "cli", "train", "predict", "recommend", "similar", "report", "sweep",

@@ -279,7 +279,7 @@ def test_dense_optimizers_match_torch_formulas(name):
 
 @pytest.mark.parametrize("name", ["lazy_adam", "sgd"])
 def test_chunked_dense_step_is_the_same_step(name):
-    # A dense step may compute its batch's gradients a chunk at a time (steps.DENSE_CHUNK): the same
+    # A dense step may compute its batch's gradients a chunk at a time (sparse.DENSE_CHUNK): the same
     # parameters score every chunk and the sums are added in batch order, so nothing changes.
     rng = np.random.default_rng(12)
     batch, num_users, num_items = 512, 40, 9
