@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +45,10 @@ from jaxcf.members import Member, static_part
 # ----------------------------------------------------------------------------------- CLI
 
 
+# A number in exponent notation without a dot ("1e-5"), which YAML 1.1 leaves as text.
+EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def parse_grid(items: Sequence[str]) -> dict[str, list]:
     """``KEY=V1,V2,...`` strings -> ``{key: [values]}``; values are parsed as YAML scalars."""
     grid: dict[str, list] = {}
@@ -57,9 +62,12 @@ def parse_grid(items: Sequence[str]) -> dict[str, list]:
         values = []
         for part in text.split(","):
             try:
-                values.append(yaml.safe_load(part))
+                value = yaml.safe_load(part)
             except yaml.YAMLError:
                 raise ConfigError(f"--grid {key}: cannot parse value {part!r}") from None
+            if isinstance(value, str) and EXPONENT.match(value.strip()):  # YAML 1.1 reads 1e-5 as text
+                value = float(value)
+            values.append(value)
         if key in grid:
             raise ConfigError(f"--grid {key} is given twice; put all its values in one --grid")
         grid[key] = values

@@ -229,3 +229,11 @@ def test_crossval_refuses_a_split_the_dataset_does_not_have(tmp_path, capsys):
     assert crossval.main(["--config", "bias.yaml", "--splits", "u9", "--workdir", str(tmp_path / "cv")]) == 2
     err = capsys.readouterr().err
     assert "ml-latest-small has no predefined splits" in err
+
+
+def test_grid_values_in_exponent_notation_are_numbers():
+    from jaxcf.sweep import parse_grid
+
+    grid = parse_grid(["implicit.l2=1e-5,1.5E3,0.1", "optim.name=adamw,lazy_adam"])
+    assert grid == {"implicit.l2": [1e-5, 1500.0, 0.1], "optim.name": ["adamw", "lazy_adam"]}
+    assert all(isinstance(v, float) for v in grid["implicit.l2"])
