@@ -38,11 +38,15 @@ def top_k_masked(params, users, excluded, k, y_range):
     return jax.lax.top_k(jnp.where(excluded, -jnp.inf, scores), k)
 
 
+# Every k up to this shares one compiled top-k (the extra candidates cost nothing next to the scores).
+MIN_K = 16
+
+
 def top_k(params, users: np.ndarray, excluded: np.ndarray, k: int, y_range) -> tuple[np.ndarray, np.ndarray]:
     """:func:`top_k_masked` for any number of users and any ``k``: the block padded to a power of two and
     ``k`` rounded up to one (few compiled shapes), the answer cut back. Returns host arrays."""
     size, rows = bucket(max(1, len(users))), len(users)
-    wanted = min(bucket(max(1, k)), excluded.shape[1])
+    wanted = min(bucket(max(MIN_K, k)), excluded.shape[1])
     padded_users = np.pad(users.astype(np.int32), (0, size - rows))
     padded_mask = np.pad(excluded, ((0, size - rows), (0, 0)))
     scores, items = top_k_masked(params, padded_users, padded_mask, wanted, y_range)

@@ -269,15 +269,22 @@ def make_solver(weights: Mapping[str, np.ndarray], metadata: Mapping, counts: np
 
 def top_k_for_ratings(solver, params: Mapping, items: np.ndarray, ratings: np.ndarray, k: int,
                       y_range) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k items for one user solved from (items, ratings), the rated items excluded.
+    """Top-k items for one user solved from (items, ratings), the rated items excluded. For an
+    implicit-feedback model only ratings at or above its interaction threshold count (as in training);
+    with none, the answer is the average user's.
 
     Returns:
       (int[k'] item indices, float32[k'] predicted ratings), best first.
     """
     from jaxcf.catalogue import top_k
 
-    rows = solve_users(solver, np.zeros(len(items), np.int64), items.astype(np.int64), ratings, 1)
-    params = {**params, **{name: jnp.asarray(table) for name, table in solver.tables(rows).items()}}
+    threshold = getattr(solver, "threshold", None)  # implicit feedback: only interactions count, as in training
+    used = np.ones(len(items), bool) if threshold is None else ratings >= threshold
+    if used.any() or threshold is None:
+        rows = solve_users(solver, np.zeros(int(used.sum()), np.int64), items[used].astype(np.int64), ratings[used], 1)
+        params = {**params, **{name: jnp.asarray(table) for name, table in solver.tables(rows).items()}}
+    else:  # no interaction to solve from: the average user's row (ranks by mean predicted preference)
+        params = {**params, "user_embedding": jnp.mean(jnp.asarray(params["user_embedding"]), axis=0, keepdims=True)}
     excluded = np.zeros((1, params["item_embedding"].shape[-2]), bool)
     excluded[0, items] = True
     scores, top = top_k(params, np.zeros(1, np.int32), excluded, k, y_range)

@@ -8,6 +8,7 @@ What does not live here: the solver (``jaxcf.foldin``), the Model method that ca
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,11 @@ import pandas as pd
 from jaxcf import export
 from jaxcf.data.ids import IdMap
 from jaxcf.errors import ModelError
+from jaxcf.fileio import UnsafeFileError, read_regular
 from jaxcf.foldin import make_solver, solve_users
+
+# The largest ratings file fold-in reads.
+MAX_RATINGS_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +36,10 @@ class Report:
         not used; such items stay flagged fallbacks).
       unknown_item_ratings: how many ratings named them.
       prior_scale: the regularisation used.
+      below_threshold: (implicit-feedback models) rows rated under the model's interaction threshold
+        (``data.implicit_threshold``, as in training): not interactions, not used.
+      users_without_interactions: (implicit-feedback models) users left out, having no interaction
+        with an item the model knows; they stay unknown (the cold start answers them).
     """
 
     users_added: int
@@ -39,6 +48,8 @@ class Report:
     unknown_items: list
     unknown_item_ratings: int
     prior_scale: float
+    below_threshold: int = 0
+    users_without_interactions: int = 0
 
 
 def fold_in(source, frame, *, user_col: str, item_col: str, rating_col: str,
@@ -75,6 +86,7 @@ def fold_in(source, frame, *, user_col: str, item_col: str, rating_col: str,
     for col in (user_col, item_col):
         if frame[col].isna().any():
             raise ModelError(f"missing {col} id in row {int(np.argmax(frame[col].isna().to_numpy())) + 1}")
+    frame, ratings, below, left_out = _interactions(source, frame, ratings, user_col, item_col)
     users_before = IdMap(source.user_ids)
     try:
         user_map, user_index = users_before.extend(frame[user_col].tolist())
@@ -118,7 +130,8 @@ def fold_in(source, frame, *, user_col: str, item_col: str, rating_col: str,
     seen_ratings = None if source.seen_ratings is None else np.concatenate(
         [source.seen_ratings, ratings[item_known].astype(np.float32)])
     report = Report(int(grow), int(len(known_before)), int(sum(len(h) for h in history_items)),
-                    list(dict.fromkeys(unknown.tolist()))[:100], int((~item_known).sum()), solver.prior_scale)
+                    list(dict.fromkeys(unknown.tolist()))[:100], int((~item_known).sum()), solver.prior_scale,
+                    below, left_out)
     metadata = source.metadata
     model_info = {**metadata["model"], "num_users": len(user_map)}
     folds = [*model_info.get("fold_ins", []), {"users_added": report.users_added, "users_updated":
@@ -135,6 +148,33 @@ def fold_in(source, frame, *, user_col: str, item_col: str, rating_col: str,
     return result, report
 
 
+def implicit_threshold(metadata) -> float | None:
+    """The interaction threshold of an implicit-feedback export (None for a rating model)."""
+    if metadata["model"].get("feedback") != "implicit":
+        return None
+    value = (metadata.get("data") or {}).get("implicit_threshold")
+    if value is None:
+        value = ((metadata.get("config") or {}).get("data") or {}).get("implicit_threshold", 4.0)
+    return float(value)
+
+
+def _interactions(source, frame, ratings, user_col: str, item_col: str):
+    """For an implicit-feedback model, the rows that are interactions with a known item, and the users
+    that have one; (frame, ratings, rows under the threshold, users left out). Others pass through."""
+    threshold = implicit_threshold(source.metadata)
+    if threshold is None:
+        return frame, ratings, 0, 0
+    usable = ratings >= threshold
+    _, item_known = IdMap(source.item_ids).lookup(frame[item_col].tolist())
+    with_one = frame[user_col][usable & item_known].unique()
+    keep = usable & frame[user_col].isin(with_one).to_numpy()
+    if not keep.any():
+        raise ModelError(f"no row is an interaction with an item this model knows (a rating >= {threshold:g}, "
+                         "the model's data.implicit_threshold); nothing to fold in")
+    left_out = int(frame[user_col].nunique() - len(with_one))
+    return frame[keep], ratings[keep], int((~usable).sum()), left_out
+
+
 def ratings_frame(ratings, cols: tuple[str, str, str]):
     """A DataFrame of ratings: the one given, or a CSV read with its id columns as text (ids as written).
 
@@ -149,7 +189,15 @@ def ratings_frame(ratings, cols: tuple[str, str, str]):
         if not path.is_file():
             raise ModelError(f"{path}: no such ratings file; give a CSV with columns {', '.join(cols)}")
         try:
-            return pd.read_csv(path, dtype={cols[0]: str, cols[1]: str}, keep_default_na=False, na_values=[""])
+            payload = read_regular(path, MAX_RATINGS_BYTES)
+        except UnsafeFileError as err:
+            raise ModelError(f"{err}; fold-in reads a regular CSV file of at most {MAX_RATINGS_BYTES >> 20} MiB "
+                             "(train a model on more)") from None
+        except OSError as err:
+            raise ModelError(f"{path}: cannot read the ratings ({err.strerror})") from None
+        try:
+            return pd.read_csv(io.BytesIO(payload), dtype={cols[0]: str, cols[1]: str}, keep_default_na=False,
+                               na_values=[""])
         except (ValueError, OSError, UnicodeDecodeError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ModelError(f"{path}: cannot read the ratings ({first})") from None

@@ -87,6 +87,10 @@ class ImplicitSolver:
         self.exponent = float(implicit.get("reg_exponent", 0.0))
         self.l2 = float(implicit.get("l2", 1e-4))
         self.prior_scale = None
+        # New ratings under this are not interactions (training's data.implicit_threshold).
+        data = metadata.get("data") or {}
+        self.threshold = float(data.get("implicit_threshold") or ((metadata.get("config") or {}).get("data") or {})
+                               .get("implicit_threshold", 4.0))
 
     def solve(self, user_of: np.ndarray, items: np.ndarray, ratings: np.ndarray, num_users: int) -> np.ndarray:
         """float32[1, num_users, d] rows (``ratings`` are not used: every interaction counts as one)."""

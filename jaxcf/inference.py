@@ -373,8 +373,9 @@ class Model:
         query = int(index[0])
         excluded = self.item_counts < min_ratings
         excluded[query] = True
-        scores, items = catalogue.top_k_cosine(self._unit_items, query, jnp.asarray(excluded), min(k, self.num_items))
-        scores, items = np.asarray(scores), np.asarray(items)
+        wanted = min(evaluate.bucket(max(catalogue.MIN_K, k)), self.num_items)  # few compiled shapes
+        scores, items = catalogue.top_k_cosine(self._unit_items, query, jnp.asarray(excluded), wanted)
+        scores, items = np.asarray(scores)[:k], np.asarray(items)[:k]
         keep = np.isfinite(scores)
         return self._ranking(items[keep], scores[keep])
 

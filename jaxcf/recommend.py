@@ -49,8 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             unknown = (f"; {report.unknown_item_ratings} rating(s) of {len(report.unknown_items)} item(s) the model "
                        f"does not know were not used: {', '.join(map(str, report.unknown_items[:5]))}"
                        if report.unknown_items else "")
+            low = (f"; {report.below_threshold} rating(s) under the model's interaction threshold were not used"
+                   if report.below_threshold else "")
             print(f"folded in {report.users_added} new and {report.users_updated} known user(s) from "
-                  f"{args.ratings}{unknown}")
+                  f"{args.ratings}{unknown}{low}")
             if args.save:
                 print(f"saved the folded model to {model.save(args.save)}")
         ranking = model.recommend(args.user, k=args.k, exclude_seen=not args.include_seen, strict=args.strict)

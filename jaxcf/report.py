@@ -97,18 +97,32 @@ def plot_curves(records: list[dict], path: Path) -> None:
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     loss_ax, rmse_ax = fig.subplots(1, 2)
     epochs = [r["epoch"] for r in records]
-    for key, label in (("train_loss", "train loss (smoothed MSE)"), ("valid_mse", "validation MSE")):
+    implicit = is_implicit(records)
+    losses = (("train_loss", "train loss"),) if implicit else (
+        ("train_loss", "train loss (smoothed MSE)"), ("valid_mse", "validation MSE"))
+    for key, label in losses:
         values = [r.get(key) for r in records]
         if any(v is not None for v in values):
             loss_ax.plot(epochs, values, marker="o", label=label)
-    loss_ax.set(xlabel="epoch", ylabel="MSE", title="Loss")
+    loss_ax.set(xlabel="epoch", ylabel="loss" if implicit else "MSE", title="Loss")
     loss_ax.legend()
-    rmse_ax.plot(epochs, [r.get("valid_rmse") for r in records], marker="o", color="C2")
-    rmse_ax.set(xlabel="epoch", ylabel="RMSE", title="Validation RMSE")
+    if implicit:
+        for key, colour in (("ndcg@20", "C2"), ("recall@20", "C4")):
+            rmse_ax.plot(epochs, [r.get(key) for r in records], marker="o", color=colour, label=key)
+        rmse_ax.set(xlabel="epoch", ylabel="on the test interactions", title="Ranking metrics")
+        rmse_ax.legend()
+    else:
+        rmse_ax.plot(epochs, [r.get("valid_rmse") for r in records], marker="o", color="C2")
+        rmse_ax.set(xlabel="epoch", ylabel="RMSE", title="Validation RMSE")
     for ax in (loss_ax, rmse_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     _save(fig, path)
+
+
+def is_implicit(records: list[dict]) -> bool:
+    """Whether the records are an implicit-feedback model's (ranking metrics, no RMSE)."""
+    return bool(records) and "valid_rmse" not in records[-1] and "ndcg@20" in records[-1]
 
 
 def pca_2d(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -240,10 +254,15 @@ def _write(model: Model, out: Path) -> None:
     if records:
         plot_curves(records, out / "curves.png")
         last = records[-1]
+        if is_implicit(records):
+            summary = (f"NDCG@20 **{last['ndcg@20']:.4f}**, recall@20 {last['recall@20']:.4f}, MRR "
+                       f"{last['mrr']:.4f} on the test interactions ({last['scored_users']} users scored), "
+                       f"train loss {last['train_loss']:.4f}.")
+        else:
+            summary = (f"validation RMSE **{last['valid_rmse']:.4f}**, validation MSE {last['valid_mse']:.4f}, "
+                       f"train loss {last['train_loss']:.4f} (the notebook's smoothed batch MSE).")
         lines += [
-            f"Per-epoch metrics from `{metrics_source}`. After epoch {last['epoch']}: validation RMSE "
-            f"**{last['valid_rmse']:.4f}**, validation MSE {last['valid_mse']:.4f}, "
-            f"train loss {last['train_loss']:.4f} (the notebook's smoothed batch MSE).",
+            f"Per-epoch metrics from `{metrics_source}`. After epoch {last['epoch']}: {summary}",
             "",
             "![training curves](curves.png)",
             "",

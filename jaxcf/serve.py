@@ -260,7 +260,10 @@ def warm_up(model: Model, max_batch: int) -> float:
         model.recommend_many(users[:size], k=10)
         size *= 2
     model.predict(users[:1], model.item_ids.raw[:1].tolist())
+    _ = model.fallback_tables  # what an unknown id's answer reads, built once
     if model.num_items:
+        model.similar_items(model.item_ids.raw[0].item() if hasattr(model.item_ids.raw[0], "item")
+                            else model.item_ids.raw[0], k=10)
         rated = model.item_ids.raw[: min(model.num_items, 512)].tolist()
         for count in (1, 65, 129, 257):
             model.recommend_from_ratings(rated[:count], [3.0] * len(rated[:count]), k=10)
@@ -304,12 +307,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "--port or --host") from None
         model = load_model(args.model)
         seconds = 0.0 if args.no_warm_up else warm_up(model, args.max_batch)
-        log.info(json.dumps({"event": "ready", "model": str(model.path), "kind": model.kind, "users": model.num_users,
-                             "items": model.num_items, "warm_up_s": round(seconds, 2),
-                             "url": f"http://{args.host}:{args.port}"}))
+        ready = {"event": "ready", "model": str(model.path), "kind": model.kind, "users": model.num_users,
+                 "items": model.num_items, "warm_up_s": round(seconds, 2), "url": f"http://{args.host}:{args.port}"}
+
+        class Server(uvicorn.Server):
+            async def startup(self, sockets=None):
+                await super().startup(sockets=sockets)
+                if self.started:  # the port is open: a client that waits for this line can connect
+                    log.info(json.dumps(ready))
+
         app = create_app(model, batch_window=args.batch_window_ms / 1000, max_batch=args.max_batch)
-        uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning",
-                    timeout_graceful_shutdown=30)
+        Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="warning",
+                              timeout_graceful_shutdown=30)).run()
         return 0
 
     return cli.run(body)

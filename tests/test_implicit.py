@@ -349,3 +349,29 @@ def test_strong_generalisation_for_an_implicit_model(tmp_path, capsys):
     assert answers[1]["ndcg@20"] > answers[0]["ndcg@20"] + 0.02
     assert abs(answers[1]["ndcg@20"] - answers[2]["ndcg@20"]) < 0.05
     assert "fold_in   ndcg@20" in capsys.readouterr().out
+
+
+def test_fold_in_counts_only_interactions_as_training_does(tmp_path):
+    assert train.main(["--config", "ials.yaml", "--quiet", "--workdir", str(tmp_path), "--set", "data.name=ml-100k",
+                       "model.n_factors=8", "train.epochs=2"]) == 0
+    model = jaxcf.load_model(tmp_path)
+    items = model.item_ids.raw[:3].tolist()
+    liked = pd.DataFrame({"user_id": [90001] * 2, "item_id": items[:2], "rating": [5.0, 4.0]})
+    cols = {"user_col": "user_id", "item_col": "item_id", "rating_col": "rating"}
+    plain = model.fold_in(liked, **cols)
+    # A 2-star rating is not an interaction (data.implicit_threshold 4): it changes nothing, and is reported.
+    mixed = model.fold_in(pd.concat([liked, pd.DataFrame({"user_id": [90001], "item_id": [items[2]],
+                                                          "rating": [2.0]})]), **cols)
+    np.testing.assert_array_equal(mixed.scores([90001]), plain.scores([90001]))
+    assert mixed.fold_in_report.below_threshold == 1 and plain.fold_in_report.below_threshold == 0
+    # A user with no interaction stays unknown (the cold start answers them), and is counted.
+    only_low = pd.DataFrame({"user_id": [90001, 90002], "item_id": [items[0], items[1]], "rating": [5.0, 1.0]})
+    folded = model.fold_in(only_low, **cols)
+    assert folded.fold_in_report.users_added == 1 and folded.fold_in_report.users_without_interactions == 1
+    assert folded.recommend(90002, k=3).fallback and not folded.recommend(90001, k=3).fallback
+    with pytest.raises(jaxcf.ModelError, match="no row is an interaction"):
+        model.fold_in(only_low.iloc[1:], **cols)
+    # On the fly: the same rule; the 2-star item is left out of the answer (rated), not used in the solve.
+    ranked, _ = model.recommend_from_ratings(items[:2], [5.0, 4.0], k=6)
+    also, _ = model.recommend_from_ratings(items, [5.0, 4.0, 2.0], k=5)
+    assert also.ids.tolist() == [i for i in ranked.ids.tolist() if i != items[2]][:5]

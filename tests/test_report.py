@@ -121,6 +121,18 @@ def test_dot_model_report_has_no_bias_figure(tmp_path):
     assert "no bias ranking" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_implicit_model_report_states_its_ranking_metrics(tmp_path):
+    from jaxcf import train
+
+    assert train.main(["--config", "ials.yaml", "--quiet", "--workdir", str(tmp_path / "run"), "--set",
+                       "data.name=ml-100k", "model.n_factors=8", "train.epochs=2"]) == 0
+    last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert report.main(["--model", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert f"NDCG@20 **{last['ndcg@20']:.4f}**" in text and "RMSE" not in text
+    assert_real_image(tmp_path / "out" / "curves.png")
+
+
 def test_missing_model_exits_2(tmp_path, capsys):
     assert report.main(["--model", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err

@@ -52,14 +52,11 @@ def server(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "jaxcf.serve", "--model", str(workdir), "--port", str(port),
                              "--max-batch", "8"], cwd=ROOT, stdout=handle, stderr=handle)
     deadline = time.monotonic() + 300
-    while True:
-        try:
-            status, health = Client(port).call("GET", "/health")
-            break
-        except OSError:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.3)
+    while '"event": "ready"' not in log.read_text():  # the line a script waits for
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.1)
+    status, health = Client(port).call("GET", "/health")  # once "ready" is logged, the port is open
     yield {"client": Client(port), "model": jaxcf.load_model(workdir), "proc": proc, "log": log, "health": health}
     if proc.poll() is None:
         proc.kill()
