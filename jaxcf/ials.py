@@ -17,7 +17,7 @@ LAPACK's batched kernels, which can deadlock XLA's CPU pool), or, with ``implici
 which never forms the F x F matrices. On a mesh both tables are row-sharded over ``model``.
 
 implicit's ``AlternatingLeastSquares`` is this algorithm with confidence ``alpha_implicit * r``:
-``alpha_implicit = 1 + alpha`` gives the same sweeps (``tests/test_implicit_parity.py``).
+``alpha_implicit = 1 + alpha`` gives the same sweeps (``tests/test_implicit.py``, ``docs/parity.md``).
 
 What does not live here: the metrics (``jaxcf.ranking.implicit_metrics``), the loop.
 """
@@ -74,6 +74,8 @@ def solve_side(own: jax.Array, other: jax.Array, side: Side, counts: jax.Array, 
         rows = linalg.cho_solve(linalg.cholesky(system), (1 + alpha) * rhs)
     else:
         rows = _conjugate_gradient(own, other, side, gram_all, reg, settings)
+        # A row without interactions solves (G + reg I) x = 0 exactly at 0; CG's few steps only near it.
+        rows = jnp.where((counts > 0)[:, None], rows, 0.0)
     if num_rows is not None and num_rows < own.shape[0]:
         rows = jnp.where((jnp.arange(own.shape[0]) < num_rows)[:, None], rows, 0.0)
     return rows

@@ -161,12 +161,15 @@ IMPLICIT_KS = (10, 20, 50)
 @functools.partial(jax.jit, static_argnames=("k",))
 def _implicit_block(scores, excluded, relevant, k):
     """For a block of users: (bool[B, k] top-k hits, int32[B, k] top-k items, int32[B] rank of the
-    best-scored relevant item among the candidates, 1-based)."""
+    first relevant item among the candidates, 1-based). Ties are ordered as ``top_k`` orders them, the
+    lower item index first, so a user whose scores all tie gains nothing from it."""
     scores = jnp.where(excluded, -jnp.inf, scores)
     _, top = jax.lax.top_k(scores, k)
     hits = jnp.take_along_axis(relevant, top, axis=1)
-    best = jnp.max(jnp.where(relevant, scores, -jnp.inf), axis=1)
-    rank = jnp.sum(scores > best[:, None], axis=1) + 1
+    best = jnp.max(jnp.where(relevant, scores, -jnp.inf), axis=1)[:, None]
+    first = jnp.argmax(relevant & (scores == best), axis=1)[:, None]  # the lowest index among the best
+    index = jnp.arange(scores.shape[1])[None, :]
+    rank = jnp.sum((scores > best) | ((scores == best) & (index < first)), axis=1) + 1
     return hits, top, rank
 
 

@@ -97,6 +97,18 @@ def test_implicit_metrics_match_a_direct_computation():
         assert got[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
 
 
+def test_mrr_orders_ties_as_the_top_k_does():
+    """A user whose scores all tie gets the rank of their first relevant item in index order, not 1."""
+    scores = np.zeros((2, 6), np.float32)
+    scores[1] = [0.5, 0.9, 0.9, 0.1, 0.9, 0.0]
+    got = ranking.implicit_metrics(lambda users: jnp.asarray(scores[users]), 6, np.asarray([0, 1]),
+                                   np.asarray([0, 0]), np.asarray([0, 1, 1]), np.asarray([3, 4, 5]), ks=(2,),
+                                   users_per_block=2, known=np.ones(6, bool))
+    # User 0: candidates 1..5 all at 0, relevant item 3 is third in index order. User 1: item 4 ties with
+    # items 1 and 2 at 0.9 and comes after them: rank 3.
+    assert got["mrr"] == pytest.approx((1 / 3 + 1 / 3) / 2)
+
+
 # ------------------------------------------------------------------------------ iALS against implicit
 
 
