@@ -293,6 +293,8 @@ def _validate_implicit(config: Config) -> None:
             raise ConfigError("model.kind ease is solved in closed form, in one step: set train.epochs: 1")
         if config.mesh.data * config.mesh.model > 1:
             raise ConfigError("model.kind ease runs on one device: set mesh.data and mesh.model to 1")
+    if kind == "bpr" and config.mesh.data * config.mesh.model > 1:
+        raise ConfigError("model.kind bpr trains on one device: set mesh.data and mesh.model to 1")
     if kind == "bpr" and config.optim.name not in ("lazy_adam", "sgd"):
         raise ConfigError(f"model.kind bpr trains with a row-sparse optimizer (lazy_adam or sgd); got "
                           f"optim.name {config.optim.name!r}")

@@ -279,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if base.ensemble.method != "seeds":
             raise ConfigError("the sweep trains SGD models; ensemble.method gibbs is trained by python -m jaxcf.train")
         member_list = make_members(base_raw, args.set, parse_grid(args.grid), args.seeds)
+        if any(m.config.mesh.data * m.config.mesh.model > 1 for m in member_list):
+            raise ConfigError("the sweep trains on one device: drop mesh.* (an ensemble in python -m jaxcf.train "
+                              "runs on a mesh)")
         cache: dict[str, Dataset] = {}
 
         def dataset_for(config: Config) -> Dataset:

@@ -387,3 +387,10 @@ def test_fold_in_counts_only_interactions_as_training_does(tmp_path):
     ranked, _ = model.recommend_from_ratings(items[:2], [5.0, 4.0], k=6)
     also, _ = model.recommend_from_ratings(items, [5.0, 4.0, 2.0], k=5)
     assert also.ids.tolist() == [i for i in ranked.ids.tolist() if i != items[2]][:5]
+
+
+@pytest.mark.parametrize("kind", ["bpr", "ease", "blend"])
+def test_one_device_families_refuse_a_mesh_before_any_work(kind):
+    with pytest.raises(config.ConfigError, match="one device"):
+        config.load("ials.yaml", [f"model.kind={kind}", "mesh.model=2"] + (["train.epochs=1"] if kind == "ease"
+                                                                             else []))

@@ -237,3 +237,11 @@ def test_grid_values_in_exponent_notation_are_numbers():
     grid = parse_grid(["implicit.l2=1e-5,1.5E3,0.1", "optim.name=adamw,lazy_adam"])
     assert grid == {"implicit.l2": [1e-5, 1500.0, 0.1], "optim.name": ["adamw", "lazy_adam"]}
     assert all(isinstance(v, float) for v in grid["implicit.l2"])
+
+
+def test_the_sweep_refuses_a_mesh(tmp_path, capsys):
+    from jaxcf import sweep
+
+    assert sweep.main(["--config", "bias.yaml", "--seeds", "2", "--set", "mesh.model=2", "--out",
+                       str(tmp_path / "s.json"), "--quiet"]) == 2
+    assert "the sweep trains on one device" in capsys.readouterr().err and not (tmp_path / "s.json").exists()
