@@ -198,6 +198,10 @@ def test_conjugate_gradient_converges_to_the_exact_solve(implicit_data):
         b, _ = cg.epoch(b, number)
     # 8 CG steps in 8 dimensions solve each system exactly (up to rounding), from any start.
     np.testing.assert_allclose(np.asarray(b.users), np.asarray(a.users), rtol=1e-3, atol=1e-3)
+    # A user without training interactions: (G + reg I) x = 0 is solved by exactly 0 on both routes.
+    r = implicit_data.ratings
+    empty = np.bincount(r.users[implicit_data.split.train], minlength=r.num_users) == 0
+    assert empty.any() and not np.asarray(b.users)[empty].any() and not np.asarray(a.users)[empty].any()
 
 
 # ------------------------------------------------------------------------------ BPR and EASE against NumPy
