@@ -33,3 +33,4 @@ run bpr-2     $CV --config configs/bpr.yaml --workdir runs/tuning/bpr-2 --set tr
 run bpr-3     $CV --config configs/bpr.yaml --workdir runs/tuning/bpr-3 --set optim.learning_rate=0.003 implicit.l2=0.01 --grid train.epochs=30,60 --grid implicit.negatives=1,4 --out $OUT/bpr-3.json
 # The blend of the chosen EASE and iALS: EASE's weight
 run blend     $CV --config configs/ials.yaml --workdir runs/tuning/blend --set model.kind=blend model.n_factors=128 implicit.alpha=30 implicit.regularization=100 implicit.ease_lambda=200 checkpoint.every_epochs=0 --grid implicit.blend_ease_weight=0.25,0.5,0.75 --out $OUT/blend.json
+run bpr-4     $CV --config configs/bpr.yaml --workdir runs/tuning/bpr-4 --set implicit.l2=0.01 --grid model.n_factors=64,128 --grid optim.learning_rate=0.003,0.01 --grid train.epochs=100,200 --grid implicit.negatives=4,16 --out $OUT/bpr-4.json
