@@ -9,8 +9,10 @@ could run: the process hangs at 0% CPU. ``bench/lapack_deadlock.py`` reproduces 
 alone; ``docs/robustness.md`` tells the whole story. No compiled jaxcf function calls a LAPACK kernel
 (``tests/test_linalg.py`` checks the compiled programs): the F x F systems of the Gibbs sampler and of
 alternating least squares are solved here instead, with matrix-vector products in a ``fori_loop`` of
-F steps. For the sizes jaxcf uses (F up to a few hundred, many matrices at once) this costs about what
-LAPACK's unblocked kernels cost, and it runs the same on every backend.
+F steps. Past ``BLOCK`` columns the factorisation is blocked (right-looking): the diagonal blocks are
+factored and inverted one column or row per step, everything else is batched matrix products, so
+the [..., F, F] batch is swept about F / BLOCK times instead of F times
+(``bench/linalg.py`` measures both; results/linalg.json). It runs the same on every backend.
 
 Every function takes any number of leading batch dimensions. What does not live here: the samplers and
 solvers that use them (``jaxcf.gibbs``, ``jaxcf.als``).
@@ -29,11 +31,24 @@ def _matvec(matrix: jax.Array, vector: jax.Array) -> jax.Array:
     return jnp.einsum("...ij,...j->...i", matrix, vector, precision=HIGHEST)
 
 
+# Columns per block of the blocked Cholesky; systems this small or smaller are factored unblocked.
+BLOCK = 32
+
+
+def _mm(x: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.matmul(x, y, precision=HIGHEST)
+
+
+def _t(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
 def cholesky(a: jax.Array) -> jax.Array:
     """The lower Cholesky factor ``L`` of symmetric positive definite matrices (``a = L @ L.T``).
 
-    The left-looking algorithm, one column per step: column ``j`` is ``a[:, j] - L[:, :j] @ L[j, :j]``
-    scaled by the square root of its diagonal entry. Only the lower triangle of ``a`` is read.
+    Blocked right-looking for more than ``BLOCK`` columns: factor the leading block (unblocked), the
+    panel below it is ``A21 inv(L11).T``, the trailing matrix loses ``L21 L21.T``; repeat on it. Only
+    the lower triangle of ``a`` is read.
 
     Args:
       a: float[..., F, F] symmetric positive definite.
@@ -42,6 +57,38 @@ def cholesky(a: jax.Array) -> jax.Array:
       float[..., F, F] lower triangular; NaN where ``a`` is not positive definite (as LAPACK's
       wrapper in JAX returns).
     """
+    size = a.shape[-1]
+    if size <= BLOCK:
+        return _cholesky_unblocked(a)
+    columns = []
+    trailing = a
+    for start in range(0, size, BLOCK):
+        width = min(BLOCK, size - start)
+        l11 = _cholesky_unblocked(trailing[..., :width, :width])
+        l21 = _mm(trailing[..., width:, :width], _t(_lower_inverse(l11)))
+        above = jnp.zeros((*a.shape[:-2], start, width), a.dtype)
+        columns.append(jnp.concatenate([above, l11, l21], axis=-2))
+        trailing = trailing[..., width:, width:] - _mm(l21, _t(l21))
+    return jnp.concatenate(columns, axis=-1)
+
+
+def _lower_inverse(factor: jax.Array) -> jax.Array:
+    """``inv(L)`` of lower triangular ``L`` [..., b, b] by forward substitution, one row per step:
+    row ``j`` of ``X`` is ``(e_j - L[j, :j] @ X[:j]) / L[j, j]``."""
+    size = factor.shape[-1]
+    eye = jnp.broadcast_to(jnp.eye(size, dtype=factor.dtype), factor.shape)
+
+    def row(j, x):
+        # x's rows >= j are still zero, so the product sums over the rows < j only.
+        partial = jnp.einsum("...k,...kc->...c", factor[..., j, :], x, precision=HIGHEST)
+        return x.at[..., j, :].set((eye[..., j, :] - partial) / factor[..., j, j][..., None])
+
+    return jax.lax.fori_loop(0, size, row, jnp.zeros_like(factor))
+
+
+def _cholesky_unblocked(a: jax.Array) -> jax.Array:
+    """The left-looking algorithm, one column per step: column ``j`` is ``a[:, j] - L[:, :j] @ L[j, :j]``
+    scaled by the square root of its diagonal entry."""
     size = a.shape[-1]
     rows = jnp.arange(size)
 

@@ -232,7 +232,8 @@ def run_implicit(config: Config, dataset: Dataset, *, held_fraction: float = 0.1
         candidates = base.item_ids.raw[np.asarray(base.item_counts) > 0]
         result["fallback"] = score_implicit(base, "fallback", users, history, targets, candidates, cols)
         start = time.perf_counter()
-        folded = base.fold_in(history, user_col=cols[0], item_col=cols[1], rating_col=cols[2])
+        interactions = history.assign(**{cols[2]: threshold})  # every history row is an interaction
+        folded = base.fold_in(interactions, user_col=cols[0], item_col=cols[1], rating_col=cols[2])
         result["fold_in_seconds"] = time.perf_counter() - start
         result["fold_in"] = score_implicit(folded, "model", users, history, targets, candidates, cols)
         if joint:

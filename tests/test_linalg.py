@@ -19,7 +19,7 @@ def _spd(rng, batch, size):
 
 
 @pytest.mark.parametrize("batch", [(), (7,), (2, 5)])
-@pytest.mark.parametrize("size", [1, 3, 20])
+@pytest.mark.parametrize("size", [1, 3, 20, 45, 128])  # 45 and 128: blocked (linalg.BLOCK = 32)
 def test_cholesky_and_solves_match_numpy(batch, size):
     rng = np.random.default_rng(size)
     a = _spd(rng, batch, size)
