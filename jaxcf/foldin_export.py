@@ -186,7 +186,7 @@ def ratings_frame(ratings, cols: tuple[str, str, str]):
         return ratings
     if isinstance(ratings, (str, Path)):
         path = Path(ratings)
-        if not path.is_file():
+        if not path.exists():
             raise ModelError(f"{path}: no such ratings file; give a CSV with columns {', '.join(cols)}")
         try:
             payload = read_regular(path, MAX_RATINGS_BYTES)

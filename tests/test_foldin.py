@@ -159,6 +159,24 @@ def test_bad_ratings_are_one_line_errors(tmp_path, small):
         model.fold_in(tmp_path / "nowhere.csv")
 
 
+def test_a_ratings_file_is_read_with_a_bound(tmp_path, small, monkeypatch):
+    """A FIFO (which would block a plain read) and a file past the size bound: one line each, no read."""
+    import os
+
+    from jaxcf import foldin_export
+
+    model = _model(tmp_path, small, "dot")
+    fifo = tmp_path / "ratings.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ModelError, match="not a regular file"):
+        model.fold_in(fifo)
+    big = tmp_path / "big.csv"
+    HISTORY.to_csv(big, index=False)
+    monkeypatch.setattr(foldin_export, "MAX_RATINGS_BYTES", 16)
+    with pytest.raises(ModelError, match="more than the 16 allowed"):
+        model.fold_in(big)
+
+
 def test_recommend_cli_folds_in_a_ratings_file(tmp_path, small, capsys):
     _model(tmp_path, small, "bias")
     history = tmp_path / "history.csv"
