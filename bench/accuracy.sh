@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every accuracy figure of docs/results.md, each from its command, each writing JSON under results/accuracy/.
-#   bash bench/accuracy.sh [NAME ...]      (no NAME: all of them, about 1.5 hours on a 2-core CPU)
+#   bash bench/accuracy.sh [NAME ...]      (no NAME: all of them, about 2 hours on a 2-core CPU)
 # The workdirs go to runs/accuracy/ (not committed); the JSON files are committed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,3 +33,14 @@ run holdout-bpmf-a1.25-32  python -m jaxcf.crossval --config configs/best.yaml -
 run holdout-bpmf-32        python -m jaxcf.crossval --config configs/best.yaml --holdout 0.1 --set ensemble.size=32 --workdir $RUNS/holdout-bpmf-32 --out $OUT/holdout-bpmf-32.json
 run holdout-bpmf-180       python -m jaxcf.crossval --config configs/best.yaml --holdout 0.1 --workdir $RUNS/holdout-bpmf-180 --out $OUT/holdout-bpmf-180.json
 run holdout-ml100k-u1      python -m jaxcf.crossval --config configs/bpmf-ml100k.yaml --splits u1 --holdout 0.1 --set ensemble.size=32 --workdir $RUNS/holdout-ml100k-u1 --out $OUT/holdout-ml100k-u1.json
+# Strong generalisation: users held out of training, folded in from 80% of their ratings (jaxcf.strong);
+# fold-in's prior scale chosen on the training users only
+STRONG="python -m jaxcf.crossval --protocol strong"
+run strong-bias          $STRONG --config configs/bias.yaml --choose-prior-scale 0.03,0.06,0.125,0.25,0.5,1 --workdir $RUNS/strong-bias --out $OUT/strong-bias.json
+run strong-dot           $STRONG --config configs/dot.yaml --choose-prior-scale 0.125,0.25,0.5,1,2 --workdir $RUNS/strong-dot --out $OUT/strong-dot.json
+run strong-bias-ml100k   $STRONG --config configs/bias.yaml --set data.name=ml-100k --choose-prior-scale 0.03,0.06,0.125,0.25,0.5,1 --workdir $RUNS/strong-bias-ml100k --out $OUT/strong-bias-ml100k.json
+run strong-ials          $STRONG --config configs/ials.yaml --workdir $RUNS/strong-ials --out $OUT/strong-ials.json
+run strong-ials-ml100k   $STRONG --config configs/ials.yaml --set data.name=ml-100k --workdir $RUNS/strong-ials-ml100k --out $OUT/strong-ials-ml100k.json
+# Implicit feedback, leave-last-one-out by timestamp
+run ials-last1           python -m jaxcf.crossval --config configs/ials.yaml --set data.leave_last=1 --workdir $RUNS/ials-last1 --out $OUT/ials-last1.json
+run implicit-best-last1  python -m jaxcf.crossval --config configs/implicit-best.yaml --set data.leave_last=1 --workdir $RUNS/implicit-best-last1 --out $OUT/implicit-best-last1.json
