@@ -112,13 +112,14 @@ def run_splits(config: Config, splits: list, holdout_fraction: float | None, wor
             trainer.fit(split_config, dataset, workdir=workdir / name, quiet=True, out=quiet_out)
         seconds = time.perf_counter() - start
         metrics = score_export(workdir / name, dataset)
-        rows.append({"split": name, "metrics": metrics, "seconds": seconds,
+        rows.append({"split": name, "rows": dataset.split.name, "metrics": metrics, "seconds": seconds,
                      "num_train": len(dataset.split.train), "num_valid": len(dataset.split.valid)})
+        label = name if split else dataset.split.name  # e.g. last-1-implicit, random-holdout0.1
         if "valid_rmse" in metrics:
-            print(f"{name:>8}  valid_rmse {metrics['valid_rmse']:.4f}  valid_mae {metrics['valid_mae']:.4f}  "
+            print(f"{label:>8}  valid_rmse {metrics['valid_rmse']:.4f}  valid_mae {metrics['valid_mae']:.4f}  "
                   f"ndcg@10 {metrics['ndcg@10']:.4f}  {seconds:.0f}s", flush=True)
         else:
-            print(f"{name:>8}  ndcg@20 {metrics['ndcg@20']:.4f}  recall@20 {metrics['recall@20']:.4f}  "
+            print(f"{label:>8}  ndcg@20 {metrics['ndcg@20']:.4f}  recall@20 {metrics['recall@20']:.4f}  "
                   f"{seconds:.0f}s", flush=True)
     return rows
 
