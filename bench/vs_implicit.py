@@ -44,7 +44,7 @@ import machine  # noqa: E402
 
 THREADS = 2
 ALS_GRID = {"factors": (64, 128), "regularization": (0.1, 1.0, 10.0, 50.0), "alpha": (1.0, 5.0, 20.0)}
-BPR_GRID = {"factors": (64, 128), "learning_rate": (0.01, 0.05), "regularization": (0.001, 0.01)}
+BPR_GRID = {"factors": (64, 128), "learning_rate": (0.01, 0.05, 0.1), "regularization": (0.001, 0.01)}
 
 
 def protocol(name: str):
