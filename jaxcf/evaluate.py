@@ -17,6 +17,8 @@ import numpy as np
 from jaxcf import ranking
 from jaxcf.models import score_pairs
 
+MIN_ROUND = 256  # the smallest call ``round_up`` makes: requests of 1-256 pairs share one compiled shape
+
 
 def bucket(n: int) -> int:
     """The power of two at or above ``n``: request sizes rounded so a few compiled shapes serve all."""
@@ -42,14 +44,15 @@ def predict_pairs(
       chunk: pairs per device call; every call has this size (the tail is padded), so one compiled
         program serves the whole array.
       per_member: an ensemble's per-member predictions instead of their mean.
-      round_up: make the call size ``min(chunk, the power of two at or above n)`` instead of
-        ``min(chunk, n)``: for many requests of varying sizes (inference), a few compiled shapes.
+      round_up: make the call size ``min(chunk, the power of two at or above max(n, MIN_ROUND))``
+        instead of ``min(chunk, n)``: for many requests of varying sizes (inference), a few
+        compiled shapes.
 
     Returns:
       float32[n] (or float32[K, n] with ``per_member``) on the host.
     """
     n = len(users)
-    size = max(1, min(chunk, bucket(n) if round_up else n))
+    size = max(1, min(chunk, bucket(max(n, MIN_ROUND)) if round_up else n))
     y = tuple(float(v) for v in y_range) if y_range is not None else None
     out = []
     for start in range(0, n, size):

@@ -56,17 +56,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.save:
                 print(f"saved the folded model to {model.save(args.save)}")
         ranking = model.recommend(args.user, k=args.k, exclude_seen=not args.include_seen, strict=args.strict)
+        implicit = model.metadata["model"].get("feedback") == "implicit"
+        rows, value = ("interactions", "score") if implicit else ("ratings", "predicted rating")
         if ranking.fallback:
-            how = "learned item bias" if model.kind == "bias" else "number of training ratings"
+            how = "learned item bias" if model.kind == "bias" else f"number of training {rows}"
             print(
                 f"user {args.user} is unknown to the model: cold-start answer (fallback), items ranked by {how}; "
-                "predicted = the mean prediction over the item's training ratings"
+                f"{value.split()[0]} = the mean {value.split()[-1] if implicit else 'prediction'} over the item's "
+                f"training {rows}"
             )
         else:
             index = int(model.lookup_users(args.user)[0][0])
-            seen = "" if args.include_seen else f", excluding the {len(model.seen(index))} items they rated"
-            print(f"top {len(ranking.ids)} for user {args.user} by predicted rating{seen}")
-        print(cli.format_ranking(ranking, "predicted"))
+            verb = "interacted with" if implicit else "rated"
+            seen = "" if args.include_seen else f", excluding the {len(model.seen(index))} items they {verb}"
+            print(f"top {len(ranking.ids)} for user {args.user} by {value}{seen}")
+        print(cli.format_ranking(ranking, value.split()[0]))
         return 0
 
     return cli.run(body)

@@ -37,13 +37,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
-from jaxcf import cli
+import numpy as np
+
+from jaxcf import cli, evaluate
 from jaxcf.errors import ModelError, UnknownIdError
 from jaxcf.inference import Model, load_model
 
 log = logging.getLogger("jaxcf.serve")
 MAX_PAIRS = 100_000  # pairs per /predict request
 MAX_K = 1000
+PREDICT_WARM_PAIRS = 8192  # /predict sizes compiled before the port opens
 MAX_RATINGS = 10_000  # ratings per on-the-fly fold-in
 
 
@@ -251,15 +254,19 @@ def _items(ranking) -> dict:
 
 
 def warm_up(model: Model, max_batch: int) -> float:
-    """Compiles the shapes requests will use (user blocks up to ``max_batch``, k up to 16, fold-in of
-    up to 512 ratings) before the port opens. Returns the seconds it took."""
+    """Compiles the shapes requests will use (user blocks up to ``max_batch``, k up to 16, predictions
+    of up to ``PREDICT_WARM_PAIRS`` pairs, fold-in of up to 512 ratings) before the port opens.
+    Returns the seconds it took."""
     start = time.perf_counter()
     users = model.user_ids.raw[: min(model.num_users, max_batch)].tolist()
     size = 1
     while size <= len(users):
         model.recommend_many(users[:size], k=10)
         size *= 2
-    model.predict(users[:1], model.item_ids.raw[:1].tolist())
+    pairs = evaluate.MIN_ROUND
+    while users and model.num_items and pairs <= PREDICT_WARM_PAIRS:  # six shapes
+        model.predict(users[:1], model.item_ids.raw[np.arange(pairs) % model.num_items].tolist())
+        pairs *= 2
     _ = model.fallback_tables  # what an unknown id's answer reads, built once
     if model.num_items:
         model.similar_items(model.item_ids.raw[0].item() if hasattr(model.item_ids.raw[0], "item")

@@ -294,6 +294,15 @@ def test_each_model_trains_resumes_exports_loads_recommends_and_folds_in(kind, t
     folded = model.fold_in(history)
     assert folded.fold_in_report.users_added == 1 and not folded.predict(99999, list(seen)[0]).fallback[0]
     assert len(folded.recommend(99999, k=5).ids) == 5
+    # The CLI speaks of scores and interactions for these models, not of predicted ratings.
+    from jaxcf import recommend
+
+    assert recommend.main(["--model", str(tmp_path / "full"), "--user", "1", "--k", "2"]) == 0
+    assert recommend.main(["--model", str(tmp_path / "full"), "--user", "424242", "--k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"by score, excluding the {len(seen)} items they interacted with" in out
+    assert "ranked by number of training interactions; score = the mean score" in out
+    assert "rating" not in out.replace("Rating", "")  # titles aside
 
 
 # ------------------------------------------------------------------------------ leave-last-k-out and strong

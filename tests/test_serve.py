@@ -167,3 +167,46 @@ def test_a_port_in_use_is_one_line(tmp_path):
         done = subprocess.run([sys.executable, "-m", "jaxcf.serve", "--model", str(tmp_path), "--port", str(port)],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "cannot listen on" in done.stderr and "Traceback" not in done.stderr
+
+
+WARM_PROBE = """
+import logging, sys
+import jax
+from jaxcf import serve
+from jaxcf.inference import load_model
+
+compiles = []
+class Count(logging.Handler):
+    def emit(self, record):
+        if "XLA compilation" in record.getMessage():
+            compiles.append(record.getMessage())
+logging.getLogger("jax").addHandler(Count())
+model = load_model(sys.argv[1])
+if sys.argv[2] == "warm":
+    serve.warm_up(model, max_batch=8)
+users, items = model.user_ids.raw.tolist(), model.item_ids.raw.tolist()
+with jax.log_compiles():
+    model.predict(users[:3], items[:3])                     # a few pairs
+    model.predict([users[0], 10**9], items[5:7])            # one unknown user: the fallback tables
+    model.predict(users[:1], items[:300])                   # past the smallest shape
+    for size in (1, 3, 8):                                  # the server's recommendation batches
+        model.recommend_many(users[:size], k=5)
+    model.similar_items(items[3], k=3)
+    model.recommend_from_ratings(items[:4], [5.0, 4.0, 4.5, 1.0], k=10)
+print(len(compiles))
+"""
+
+
+def test_warm_up_compiles_what_the_first_requests_use(tmp_path):
+    """After ``warm_up`` the first request to every route compiles nothing (no 100 ms first answer);
+    without it the same requests do compile, so the count below can fail."""
+    workdir = tmp_path / "bias"
+    assert train.main(["--config", "bias.yaml", "--workdir", str(workdir), "--quiet", "--set", "train.epochs=1",
+                       "model.n_factors=8"]) == 0
+    counts = {}
+    for mode in ("cold", "warm"):
+        done = subprocess.run([sys.executable, "-c", WARM_PROBE, str(workdir), mode], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        counts[mode] = int(done.stdout.split()[-1])
+    assert counts["cold"] > 0 and counts["warm"] == 0, counts
