@@ -9,12 +9,15 @@ user's row is the exact minimiser of ``sum_i c_ui (p_ui - x . v_i)^2 + lambda_u 
 (the Gram trick: the unobserved pairs enter only through ``G``). ``lambda_u = lambda`` (``implicit.
 regularization``), or frequency-scaled, ``lambda * (alpha |I_u| + |I|) ** nu`` with ``nu =
 implicit.reg_exponent`` (Rendle, Krichene, Zhang & Koren 2022: regularisation that grows with a row's
-weight). A sweep solves every user, then every item from the new users. The per-row sums are two
-matrix products with a dense count matrix on small tables, scatter-adds of chunks otherwise
-(``jaxcf.gibbs.make_side``); the F x F systems are solved by ``jaxcf.linalg`` (plain XLA ops, never
-LAPACK's batched kernels, which can deadlock XLA's CPU pool), or, with ``implicit.solver: cg``, by
+weight). A sweep solves every user, then every item from the new users. The exact solves go a
+chunk of rows at a time (:class:`Rows`; rows sorted by their number of interactions): each row's
+``sum v_i v_i'`` is summed over its own items only, ``SEGMENT`` at a time (about ``nnz * F^2`` work,
+where a dense count matrix would cost ``rows * items * F^2``), and the chunk's F x F systems are
+factored and solved while they are in cache, by ``jaxcf.linalg`` (plain XLA ops, never LAPACK's
+batched kernels, which can deadlock XLA's CPU pool). With ``implicit.solver: cg`` the rows take
 ``implicit.cg_steps`` steps of conjugate gradient from the last sweep's row (Takacs et al. 2011),
-which never forms the F x F matrices. On a mesh both tables are row-sharded over ``model``.
+which never form the F x F matrices; their products use ``jaxcf.gibbs.make_side``'s dense counts on
+small tables and scatter-adds of chunks otherwise. On a mesh both tables are row-sharded over ``model``.
 
 implicit's ``AlternatingLeastSquares`` is this algorithm with confidence ``alpha_implicit * r``:
 ``alpha_implicit = 1 + alpha`` gives the same sweeps (``tests/test_implicit.py``, ``docs/parity.md``).
@@ -53,25 +56,102 @@ class Settings(NamedTuple):
     cg_steps: int
 
 
-def solve_side(own: jax.Array, other: jax.Array, side: Side, counts: jax.Array, settings: Settings,
+class Rows(NamedTuple):
+    """One side's interactions for the exact solves: ``flat`` holds every row's items, row by row
+    (row ``r``'s are ``flat[starts[r]:starts[r] + counts[r]]``; a repeated pair appears twice), and
+    ``order`` the rows with interactions, most interactions first, padded with ``num_rows`` (dropped)
+    to a whole number of chunks of ``chunk`` rows. Rows without interactions are in no chunk: their
+    exact solution is 0."""
+
+    flat: np.ndarray  # int32[nnz]
+    starts: np.ndarray  # int32[R]
+    counts: np.ndarray  # int32[R]
+    order: np.ndarray  # int32[chunks, chunk]
+
+
+# Rows solved together on CPU: a chunk's [chunk, F, F] systems stay in cache through the solve's steps.
+CPU_CHUNK = 32
+# Elsewhere (accelerators), bigger batches.
+DEVICE_CHUNK = 2048
+# Interactions of each row gathered per step of the per-chunk loop that sums ``v_i v_i'``.
+SEGMENT = 16
+
+
+def make_rows(own: np.ndarray, other: np.ndarray, num_rows: int, chunk: int | None = None) -> Rows:
+    """:class:`Rows` from one side's interactions (``own[k]`` interacted with ``other[k]``)."""
+    if chunk is None:
+        chunk = CPU_CHUNK if jax.default_backend() == "cpu" else DEVICE_CHUNK
+    order = np.argsort(own, kind="stable")
+    counts = np.bincount(own, minlength=num_rows)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    busy = np.flatnonzero(counts > 0)
+    busy = busy[np.argsort(-counts[busy], kind="stable")]
+    padded = np.full(max(1, -(-len(busy) // chunk)) * chunk, num_rows, np.int64)
+    padded[: len(busy)] = busy
+    flat = np.asarray(other)[order] if len(order) else np.zeros(1, np.int64)
+    return Rows(flat.astype(np.int32), starts.astype(np.int32), counts.astype(np.int32),
+                padded.reshape(-1, chunk).astype(np.int32))
+
+
+def _exact_rows(other: jax.Array, rows: Rows, gram_all: jax.Array, reg: jax.Array, alpha: float,
+                num_rows: int) -> jax.Array:
+    """The exact solve of every row with interactions, a chunk of rows at a time (``lax.scan``): the
+    chunk's ``sum v_i v_i'`` in steps of ``SEGMENT`` interactions per row (as many steps as its longest
+    row needs), then its systems' Cholesky factors and solves."""
+    size = other.shape[1]
+    eye = jnp.eye(size, dtype=other.dtype)[None]
+    flat, starts, counts, order = (jnp.asarray(x) for x in rows)
+    last = flat.shape[0] - 1
+
+    def solve_chunk(_, ids):
+        real = ids < num_rows
+        index = jnp.minimum(ids, num_rows - 1)
+        start = starts[index]
+        count = jnp.where(real, counts[index], 0)
+        end = start + count
+
+        def add_segment(step, sums):
+            gram, rhs = sums
+            at = start[:, None] + step * SEGMENT + jnp.arange(SEGMENT)[None, :]
+            vectors = jnp.take(other, flat[jnp.minimum(at, last)], axis=0) * (at < end[:, None])[..., None]
+            gram = gram + jnp.einsum("csf,csg->cfg", vectors, vectors, precision=linalg.HIGHEST)
+            return gram, rhs + jnp.sum(vectors, axis=1)
+
+        steps = (jnp.max(count) + SEGMENT - 1) // SEGMENT
+        zeros = (jnp.zeros((ids.shape[0], size, size), other.dtype), jnp.zeros((ids.shape[0], size), other.dtype))
+        gram, rhs = jax.lax.fori_loop(0, steps, add_segment, zeros)
+        system = gram_all[None] + alpha * gram + reg[index][:, None, None] * eye
+        return None, linalg.cho_solve_blocked(linalg.cholesky(system), (1 + alpha) * rhs)
+
+    _, solved = jax.lax.scan(solve_chunk, None, order)
+    return jnp.zeros((num_rows, size), other.dtype).at[order.reshape(-1)].set(
+        solved.reshape(-1, size), mode="drop")
+
+
+def make_sides(own: np.ndarray, other: np.ndarray, num_rows: int, num_other: int, solver: str) -> Side | Rows:
+    """One side's interactions as the solver reads them: :class:`Rows` for ``cholesky``, a
+    ``jaxcf.gibbs.Side`` for ``cg``."""
+    if solver == "cholesky":
+        return make_rows(own, other, num_rows)
+    return make_side(own, other, np.ones(len(own)), num_rows, num_other)
+
+
+def solve_side(own: jax.Array, other: jax.Array, side: Side | Rows, counts: jax.Array, settings: Settings,
                num_rows: int | None = None, num_other: int | None = None) -> jax.Array:
     """New rows of one side given the other (see the module docstring).
 
     Args:
       own: float32[R, F] the side's current rows (the start of conjugate gradient).
       other: float32[O, F] the other side's rows.
-      side: this side's interactions (``jaxcf.gibbs.make_side`` with targets 1).
+      side: this side's interactions (:func:`make_sides` for ``settings.solver``).
       counts: float32[R] interactions per row (for the frequency-scaled L2).
       num_rows, num_other: rows of each side that are real (a mesh pads the rest, which stay zero).
     """
     alpha = settings.alpha
-    size = other.shape[1]
     gram_all = jnp.matmul(other.T, other, precision=linalg.HIGHEST)
     reg = row_regularization(counts, num_other or other.shape[0], settings)
     if settings.solver == "cholesky":
-        gram, rhs = normal_equations(other, side, own.shape[0])
-        system = gram_all[None] + alpha * gram + reg[:, None, None] * jnp.eye(size)[None]
-        rows = linalg.cho_solve(linalg.cholesky(system), (1 + alpha) * rhs)
+        rows = _exact_rows(other, side, gram_all, reg, alpha, own.shape[0])
     else:
         rows = _conjugate_gradient(own, other, side, gram_all, reg, settings)
         # A row without interactions solves (G + reg I) x = 0 exactly at 0; CG's few steps only near it.
@@ -173,12 +253,11 @@ def family(config: Config, dataset: Dataset, layout=None) -> Family:
     num_users, num_items, factors = ratings.num_users, ratings.num_items, config.model.n_factors
     rows_u = layout.padded_rows(num_users) if layout else num_users
     rows_i = layout.padded_rows(num_items) if layout else num_items
-    ones = np.ones(len(train))
-    user_side = make_side(users_t, items_t, ones, rows_u, rows_i)
-    item_side = make_side(items_t, users_t, ones, rows_i, rows_u)
+    settings = settings_of(config)
+    user_side = make_sides(users_t, items_t, rows_u, rows_i, settings.solver)
+    item_side = make_sides(items_t, users_t, rows_i, rows_u, settings.solver)
     user_counts = np.pad(np.bincount(users_t, minlength=num_users), (0, rows_u - num_users)).astype(np.float32)
     item_counts = np.pad(np.bincount(items_t, minlength=num_items), (0, rows_i - num_items)).astype(np.float32)
-    settings = settings_of(config)
 
     def run(state, sides, counts):
         sweep = make_sweep(sides[0], sides[1], counts[0], counts[1], settings, num_users, num_items)

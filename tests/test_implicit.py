@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
@@ -170,6 +171,36 @@ def test_ials_loss_is_the_objective_written_out():
     got = ials.loss(ials.ALSState(jnp.asarray(users, jnp.float32), jnp.asarray(items, jnp.float32)), u_idx, i_idx,
                     settings, (jnp.asarray(counts_u, jnp.float32), jnp.asarray(counts_i, jnp.float32)), 5, 4)
     assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("exponent", [0.0, 0.7])
+def test_exact_row_solves_match_the_normal_equations(exponent):
+    """The chunked exact solve (rows sorted by length, chunks of 4 rows, interactions summed 16 at a
+    time) against NumPy's float64 solve of each row's normal equations, written out: rows without
+    interactions (0), a repeated pair (counted twice), rows of 1 to 40 interactions (several steps)."""
+    rng = np.random.default_rng(5)
+    num_rows, num_other, size, alpha, reg = 11, 50, 6, 3.0, 0.5
+    lengths = [0, 1, 2, 5, 16, 17, 33, 40, 0, 3, 9]
+    own = np.repeat(np.arange(num_rows), lengths)
+    other = np.concatenate([rng.choice(num_other, n, replace=False) for n in lengths])
+    own, other = np.append(own, 3), np.append(other, other[own == 3][0])  # one pair twice
+    shuffled = rng.permutation(len(own))
+    own, other = own[shuffled], other[shuffled]
+    vectors = rng.normal(size=(num_other, size)).astype(np.float32)
+    counts = np.bincount(own, minlength=num_rows).astype(np.float32)
+    settings = ials.Settings(alpha, reg, exponent, "cholesky", 3)
+    rows = ials.make_rows(own, other, num_rows, chunk=4)
+    assert rows.order.shape == (3, 4)  # 9 rows with interactions, padded to whole chunks of 4
+    got = ials.solve_side(jnp.zeros((num_rows, size)), jnp.asarray(vectors), jax.tree.map(jnp.asarray, rows),
+                          jnp.asarray(counts), settings)
+    v = vectors.astype(np.float64)
+    for r in range(num_rows):
+        items = other[own == r]
+        lam = reg * (alpha * len(items) + num_other) ** exponent
+        system = v.T @ v + alpha * v[items].T @ v[items] + lam * np.eye(size)
+        want = np.linalg.solve(system, (1 + alpha) * v[items].sum(0))
+        np.testing.assert_allclose(np.asarray(got[r]), want, rtol=2e-4, atol=2e-6, err_msg=f"row {r}")
+    assert not np.asarray(got[0]).any() and not np.asarray(got[8]).any()
 
 
 @pytest.mark.parametrize("exponent, reg", [(0.0, 1.0), (1.0, 0.01)])

@@ -35,8 +35,16 @@ def test_cholesky_and_solves_match_numpy(batch, size):
     np.testing.assert_allclose(linalg.solve_lower_transpose(f32, jnp.asarray(b, jnp.float32)),
                                np.linalg.solve(np.swapaxes(expected, -1, -2), b[..., None])[..., 0],
                                rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(linalg.cho_solve(f32, jnp.asarray(b, jnp.float32)),
-                               np.linalg.solve(a, b[..., None])[..., 0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(linalg.solve_lower_blocked(f32, jnp.asarray(b, jnp.float32)),
+                               np.linalg.solve(expected, b[..., None])[..., 0], rtol=1e-4, atol=1e-5,
+                               err_msg="solve_lower by blocks")
+    np.testing.assert_allclose(linalg.solve_lower_transpose_blocked(f32, jnp.asarray(b, jnp.float32)),
+                               np.linalg.solve(np.swapaxes(expected, -1, -2), b[..., None])[..., 0],
+                               rtol=1e-4, atol=1e-5, err_msg="solve_lower_transpose by blocks")
+    for solve in (linalg.cho_solve, linalg.cho_solve_blocked):
+        np.testing.assert_allclose(solve(f32, jnp.asarray(b, jnp.float32)),
+                                   np.linalg.solve(a, b[..., None])[..., 0], rtol=1e-4, atol=1e-5,
+                                   err_msg=solve.__name__)
     root = np.asarray(linalg.inverse_root(jnp.asarray(a, jnp.float32)), np.float64)
     np.testing.assert_allclose(root @ np.swapaxes(root, -1, -2), np.linalg.inv(a), rtol=1e-4, atol=1e-6)
 

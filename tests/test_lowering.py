@@ -92,15 +92,14 @@ def _programs():
 def _implicit_programs(dataset):
     """The iALS sweep (exact and conjugate-gradient solves) and BPR's epoch."""
     ratings, train = dataset.ratings, dataset.split.train
-    ones = np.ones(len(train))
-    user_side = gibbs.make_side(ratings.users[train], ratings.items[train], ones, USERS, ITEMS)
-    item_side = gibbs.make_side(ratings.items[train], ratings.users[train], ones, ITEMS, USERS)
     counts = (jnp.asarray(np.bincount(ratings.users[train], minlength=USERS), jnp.float32),
               jnp.asarray(np.bincount(ratings.items[train], minlength=ITEMS), jnp.float32))
     state = ials.ALSState(jnp.ones((USERS, FACTORS)), jnp.ones((ITEMS, FACTORS)))
     out = []
     for solver in ("cholesky", "cg"):
         cfg = config.load("ials.yaml", [f"model.n_factors={FACTORS}", f"implicit.solver={solver}"])
+        user_side = ials.make_sides(ratings.users[train], ratings.items[train], USERS, ITEMS, solver)
+        item_side = ials.make_sides(ratings.items[train], ratings.users[train], ITEMS, USERS, solver)
         sweep = ials.make_sweep(user_side, item_side, *counts, ials.settings_of(cfg), USERS, ITEMS)
         out.append((f"ials-sweep-{solver}", jax.jit(sweep), (state,)))
     cfg = config.load("bpr.yaml", [f"model.n_factors={FACTORS}", f"train.batch_size={BATCH}"])
