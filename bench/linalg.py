@@ -1,12 +1,15 @@
-"""The batched F x F Cholesky and solves of ``jaxcf.linalg``: blocked against unblocked, and the iALS sweep.
+"""The batched F x F Cholesky and solves of ``jaxcf.linalg``, and the exact iALS sweep, old and new way.
 
     python bench/linalg.py [--repeats 3] [--json results/linalg.json]
 
-On the systems one iALS half-sweep solves over ml-latest-small's items (9,066 of them, F x F each,
-``G + alpha sum v v' + lambda I`` with random factors), for F in 32, 64, 128: the median seconds of
-``jaxcf.linalg.cholesky`` against its unblocked form (one column per step, what jaxcf ran before
-blocking), and of ``cho_solve`` (forward and back substitution), each compiled once before timing.
-Then one whole exact iALS sweep (``configs/ials.yaml``, F = 128) as training runs it.
+On 9,066 random systems (F x F each, ``X'X + 10 I``), for F in 32, 64, 128: the median seconds of
+``jaxcf.linalg.cholesky`` against its unblocked form (one column per step), of ``cho_solve`` (forward
+and back substitution one entry per step) against ``cho_solve_blocked``, and of both steps on chunks
+of 32 systems at a time (``lax.map``), as the iALS sweep runs them; each compiled once before timing.
+Then one whole exact iALS sweep (``configs/ials.yaml``, F = 128, ml-latest-small's implicit protocol)
+as training runs it, beside the same sweep the way jaxcf ran it before (each row's ``sum v v'`` as a
+dense count matrix times every item's ``v v'``, then the whole batch factored and solved at once):
+the same rows (max difference printed), side by side in one run.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402
@@ -38,6 +42,52 @@ def timed(function, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
+def in_chunks(a, b):
+    from jaxcf import linalg
+
+    return jax.lax.map(lambda pair: linalg.cho_solve_blocked(linalg.cholesky(pair[0]), pair[1]), (a, b),
+                       batch_size=32)
+
+
+def dense_sweep(cfg, dataset, state, repeats: int) -> tuple[float, float]:
+    """The exact sweep as jaxcf ran it before: per-row Gram matrices from the dense count matrix
+    (``jaxcf.gibbs.normal_equations``), the whole batch factored and solved at once. Returns its
+    median seconds and the largest difference from the current sweep's rows, from the same state."""
+    from jaxcf import gibbs, ials, linalg
+
+    r, train = dataset.ratings, dataset.split.train
+    users, items = r.users[train], r.items[train]
+    settings = ials.settings_of(cfg)
+    ones = np.ones(len(train))
+    sides = (gibbs.make_side(users, items, ones, r.num_users, r.num_items),
+             gibbs.make_side(items, users, ones, r.num_items, r.num_users))
+    counts = (np.bincount(users, minlength=r.num_users).astype(np.float32),
+              np.bincount(items, minlength=r.num_items).astype(np.float32))
+
+    def solve(other, side, count, num_rows):
+        gram_all = jnp.matmul(other.T, other, precision=linalg.HIGHEST)
+        reg = ials.row_regularization(count, other.shape[0], settings)
+        gram, rhs = gibbs.normal_equations(other, side, num_rows)
+        system = gram_all[None] + settings.alpha * gram + reg[:, None, None] * jnp.eye(other.shape[1])[None]
+        return linalg.cho_solve(linalg.cholesky(system), (1 + settings.alpha) * rhs)
+
+    @jax.jit
+    def sweep(s, sides, counts):
+        new_users = solve(s.items, sides[0], counts[0], r.num_users)
+        return ials.ALSState(new_users, solve(new_users, sides[1], counts[1], r.num_items))
+
+    sides, counts = jax.tree.map(jnp.asarray, sides), jax.tree.map(jnp.asarray, counts)
+    old = jax.block_until_ready(sweep(state, sides, counts))
+    new, _ = ials.family(cfg, dataset).epoch(jax.tree.map(jnp.copy, state), 0)  # it donates its input
+    difference = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(old, new))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(sweep(state, sides, counts))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), difference
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -53,34 +103,47 @@ def main() -> int:
         a = jnp.matmul(jnp.swapaxes(x, 1, 2), x) + 10.0 * jnp.eye(size)
         b = jax.random.normal(jax.random.fold_in(key, 1), (SYSTEMS, size))
         factor = linalg.cholesky(a)
+        whole = linalg.cho_solve(factor, b)
         row = {
             "cholesky_unblocked_s": timed(linalg._cholesky_unblocked, a, repeats=args.repeats),
             "cholesky_s": timed(linalg.cholesky, a, repeats=args.repeats),
             "cho_solve_s": timed(linalg.cho_solve, factor, b, repeats=args.repeats),
-            "max_abs_difference": float(jnp.max(jnp.abs(linalg.cho_solve(factor, b) - linalg.cho_solve(
-                linalg._cholesky_unblocked(a), b)))),
+            "cho_solve_blocked_s": timed(linalg.cho_solve_blocked, factor, b, repeats=args.repeats),
+            "both_in_chunks_of_32_s": timed(in_chunks, a, b, repeats=args.repeats),
+            "max_abs_difference": float(jnp.max(jnp.abs(whole - linalg.cho_solve(linalg._cholesky_unblocked(a), b)))),
+            "max_abs_difference_blocked_solve": float(jnp.max(jnp.abs(whole - linalg.cho_solve_blocked(factor, b)))),
         }
         rows[size] = row
         print(f"F = {size:3d}: cholesky {row['cholesky_unblocked_s']:.3f} s unblocked, {row['cholesky_s']:.3f} s "
-              f"blocked; cho_solve {row['cho_solve_s']:.3f} s; "
-              f"max |difference| {row['max_abs_difference']:.2g}", flush=True)
+              f"blocked; cho_solve {row['cho_solve_s']:.3f} s, by blocks {row['cho_solve_blocked_s']:.3f} s; "
+              f"both by blocks in chunks of 32 systems {row['both_in_chunks_of_32_s']:.3f} s; "
+              f"max |difference| {row['max_abs_difference']:.2g}, "
+              f"{row['max_abs_difference_blocked_solve']:.2g}", flush=True)
     cfg = config.load("ials.yaml")
     dataset = data.interactions(data.load(cfg.data, cfg.seed), 4.0, 0.2, cfg.seed)
     family = ials.family(cfg, dataset)
     state = family.init()
+    start = time.perf_counter()
     state, _ = family.epoch(state, 0)  # compiles
+    first = time.perf_counter() - start
     times = []
     for number in range(1, 1 + args.repeats):
         start = time.perf_counter()
         state, _ = family.epoch(state, number)
         times.append(time.perf_counter() - start)
     sweep = statistics.median(times)
-    print(f"exact iALS sweep, configs/ials.yaml (F = {cfg.model.n_factors}): {sweep:.3f} s", flush=True)
+    print(f"exact iALS sweep, configs/ials.yaml (F = {cfg.model.n_factors}): {sweep:.3f} s "
+          f"(the first, compiling: {first:.2f} s)", flush=True)
+    before, difference = dense_sweep(cfg, dataset, state, args.repeats)
+    print(f"the same sweep the way jaxcf ran it before: {before:.3f} s; max |difference| of the rows "
+          f"{difference:.2g}", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "benchmark": "linalg", "command": " ".join(["python", *sys.argv]), "systems": SYSTEMS,
-            "block": linalg.BLOCK, "sizes": rows, "ials_sweep_s": sweep, "load_average_before": load_before,
+            "block": linalg.BLOCK, "sizes": rows, "ials_sweep_s": sweep, "ials_first_sweep_s": first,
+            "ials_sweep_before_s": before, "ials_sweep_max_abs_difference": difference,
+            "load_average_before": load_before,
             "load_average_after": machine.load_average(), "device": machine.jax_device(),
             "machine": machine.describe("jax", "jaxlib"),
         }, indent=2) + "\n")

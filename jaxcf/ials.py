@@ -17,7 +17,9 @@ factored and solved while they are in cache, by ``jaxcf.linalg`` (plain XLA ops,
 batched kernels, which can deadlock XLA's CPU pool). With ``implicit.solver: cg`` the rows take
 ``implicit.cg_steps`` steps of conjugate gradient from the last sweep's row (Takacs et al. 2011),
 which never form the F x F matrices; their products use ``jaxcf.gibbs.make_side``'s dense counts on
-small tables and scatter-adds of chunks otherwise. On a mesh both tables are row-sharded over ``model``.
+small tables and scatter-adds of chunks otherwise. On a mesh both tables are row-sharded over ``model``,
+and the exact solves build every row's normal equations that way too, so that each device solves the
+systems of its own rows (``docs/distributed.md``).
 
 implicit's ``AlternatingLeastSquares`` is this algorithm with confidence ``alpha_implicit * r``:
 ``alpha_implicit = 1 + alpha`` gives the same sweeps (``tests/test_implicit.py``, ``docs/parity.md``).
@@ -128,10 +130,12 @@ def _exact_rows(other: jax.Array, rows: Rows, gram_all: jax.Array, reg: jax.Arra
         solved.reshape(-1, size), mode="drop")
 
 
-def make_sides(own: np.ndarray, other: np.ndarray, num_rows: int, num_other: int, solver: str) -> Side | Rows:
-    """One side's interactions as the solver reads them: :class:`Rows` for ``cholesky``, a
-    ``jaxcf.gibbs.Side`` for ``cg``."""
-    if solver == "cholesky":
+def make_sides(own: np.ndarray, other: np.ndarray, num_rows: int, num_other: int, solver: str,
+               mesh: bool = False) -> Side | Rows:
+    """One side's interactions as the solver reads them: :class:`Rows` for ``cholesky`` on one
+    device; a ``jaxcf.gibbs.Side`` for ``cg``, and for ``cholesky`` on a mesh, where each device
+    solves the systems of its own rows from per-row normal equations (``docs/distributed.md``)."""
+    if solver == "cholesky" and not mesh:
         return make_rows(own, other, num_rows)
     return make_side(own, other, np.ones(len(own)), num_rows, num_other)
 
@@ -150,8 +154,12 @@ def solve_side(own: jax.Array, other: jax.Array, side: Side | Rows, counts: jax.
     alpha = settings.alpha
     gram_all = jnp.matmul(other.T, other, precision=linalg.HIGHEST)
     reg = row_regularization(counts, num_other or other.shape[0], settings)
-    if settings.solver == "cholesky":
+    if settings.solver == "cholesky" and isinstance(side, Rows):
         rows = _exact_rows(other, side, gram_all, reg, alpha, own.shape[0])
+    elif settings.solver == "cholesky":
+        gram, rhs = normal_equations(other, side, own.shape[0])
+        system = gram_all[None] + alpha * gram + reg[:, None, None] * jnp.eye(other.shape[1])[None]
+        rows = linalg.cho_solve(linalg.cholesky(system), (1 + alpha) * rhs)
     else:
         rows = _conjugate_gradient(own, other, side, gram_all, reg, settings)
         # A row without interactions solves (G + reg I) x = 0 exactly at 0; CG's few steps only near it.
@@ -254,8 +262,8 @@ def family(config: Config, dataset: Dataset, layout=None) -> Family:
     rows_u = layout.padded_rows(num_users) if layout else num_users
     rows_i = layout.padded_rows(num_items) if layout else num_items
     settings = settings_of(config)
-    user_side = make_sides(users_t, items_t, rows_u, rows_i, settings.solver)
-    item_side = make_sides(items_t, users_t, rows_i, rows_u, settings.solver)
+    user_side = make_sides(users_t, items_t, rows_u, rows_i, settings.solver, mesh=layout is not None)
+    item_side = make_sides(items_t, users_t, rows_i, rows_u, settings.solver, mesh=layout is not None)
     user_counts = np.pad(np.bincount(users_t, minlength=num_users), (0, rows_u - num_users)).astype(np.float32)
     item_counts = np.pad(np.bincount(items_t, minlength=num_items), (0, rows_i - num_items)).astype(np.float32)
 

@@ -96,12 +96,12 @@ def _implicit_programs(dataset):
               jnp.asarray(np.bincount(ratings.items[train], minlength=ITEMS), jnp.float32))
     state = ials.ALSState(jnp.ones((USERS, FACTORS)), jnp.ones((ITEMS, FACTORS)))
     out = []
-    for solver in ("cholesky", "cg"):
+    for solver, mesh in (("cholesky", False), ("cholesky", True), ("cg", False)):
         cfg = config.load("ials.yaml", [f"model.n_factors={FACTORS}", f"implicit.solver={solver}"])
-        user_side = ials.make_sides(ratings.users[train], ratings.items[train], USERS, ITEMS, solver)
-        item_side = ials.make_sides(ratings.items[train], ratings.users[train], ITEMS, USERS, solver)
+        user_side = ials.make_sides(ratings.users[train], ratings.items[train], USERS, ITEMS, solver, mesh)
+        item_side = ials.make_sides(ratings.items[train], ratings.users[train], ITEMS, USERS, solver, mesh)
         sweep = ials.make_sweep(user_side, item_side, *counts, ials.settings_of(cfg), USERS, ITEMS)
-        out.append((f"ials-sweep-{solver}", jax.jit(sweep), (state,)))
+        out.append((f"ials-sweep-{solver}{'-mesh-form' if mesh else ''}", jax.jit(sweep), (state,)))
     cfg = config.load("bpr.yaml", [f"model.n_factors={FACTORS}", f"train.batch_size={BATCH}"])
     optimizer = optim.build(cfg.optim, 10)
     params = bpr.init_params(cfg, USERS, ITEMS)
