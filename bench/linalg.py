@@ -15,7 +15,6 @@ the same rows (max difference printed), side by side in one run.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -50,40 +49,27 @@ def in_chunks(a, b):
 
 
 def dense_sweep(cfg, dataset, state, repeats: int) -> tuple[float, float]:
-    """The exact sweep as jaxcf ran it before: per-row Gram matrices from the dense count matrix
-    (``jaxcf.gibbs.normal_equations``), the whole batch factored and solved at once. Returns its
-    median seconds and the largest difference from the current sweep's rows, from the same state."""
-    from jaxcf import gibbs, ials, linalg
+    """The exact sweep as jaxcf ran it before on one device, and still runs it on a mesh: per-row
+    normal equations from the dense count matrix, the whole batch factored and solved at once
+    (``ials.make_sides(..., mesh=True)``). Returns its median seconds and the largest difference from
+    the current sweep's rows, from the same state."""
+    from jaxcf import ials
 
     r, train = dataset.ratings, dataset.split.train
     users, items = r.users[train], r.items[train]
-    settings = ials.settings_of(cfg)
-    ones = np.ones(len(train))
-    sides = (gibbs.make_side(users, items, ones, r.num_users, r.num_items),
-             gibbs.make_side(items, users, ones, r.num_items, r.num_users))
+    sides = (ials.make_sides(users, items, r.num_users, r.num_items, "cholesky", mesh=True),
+             ials.make_sides(items, users, r.num_items, r.num_users, "cholesky", mesh=True))
     counts = (np.bincount(users, minlength=r.num_users).astype(np.float32),
               np.bincount(items, minlength=r.num_items).astype(np.float32))
-
-    def solve(other, side, count, num_rows):
-        gram_all = jnp.matmul(other.T, other, precision=linalg.HIGHEST)
-        reg = ials.row_regularization(count, other.shape[0], settings)
-        gram, rhs = gibbs.normal_equations(other, side, num_rows)
-        system = gram_all[None] + settings.alpha * gram + reg[:, None, None] * jnp.eye(other.shape[1])[None]
-        return linalg.cho_solve(linalg.cholesky(system), (1 + settings.alpha) * rhs)
-
-    @jax.jit
-    def sweep(s, sides, counts):
-        new_users = solve(s.items, sides[0], counts[0], r.num_users)
-        return ials.ALSState(new_users, solve(new_users, sides[1], counts[1], r.num_items))
-
     sides, counts = jax.tree.map(jnp.asarray, sides), jax.tree.map(jnp.asarray, counts)
-    old = jax.block_until_ready(sweep(state, sides, counts))
+    sweep = jax.jit(ials.make_sweep(*sides, *counts, ials.settings_of(cfg), r.num_users, r.num_items))
+    old = jax.block_until_ready(sweep(state))
     new, _ = ials.family(cfg, dataset).epoch(jax.tree.map(jnp.copy, state), 0)  # it donates its input
     difference = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(old, new))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(sweep(state, sides, counts))
+        jax.block_until_ready(sweep(state))
         times.append(time.perf_counter() - start)
     return statistics.median(times), difference
 
@@ -138,16 +124,12 @@ def main() -> int:
     print(f"the same sweep the way jaxcf ran it before: {before:.3f} s; max |difference| of the rows "
           f"{difference:.2g}", flush=True)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
+        machine.write_json(args.json, {
             "benchmark": "linalg", "command": " ".join(["python", *sys.argv]), "systems": SYSTEMS,
             "block": linalg.BLOCK, "sizes": rows, "ials_sweep_s": sweep, "ials_first_sweep_s": first,
             "ials_sweep_before_s": before, "ials_sweep_max_abs_difference": difference,
-            "load_average_before": load_before,
-            "load_average_after": machine.load_average(), "device": machine.jax_device(),
-            "machine": machine.describe("jax", "jaxlib"),
-        }, indent=2) + "\n")
-        print(f"wrote {args.json}")
+            "device": machine.jax_device(),
+        }, load_before, "jax", "jaxlib")
     return 0
 
 

@@ -7,12 +7,14 @@ benchmarks themselves (``bench/vs_torch.py``, ``bench/scale.py``).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import resource
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 
 def cpu_model() -> str:
@@ -75,3 +77,13 @@ def describe(*packages: str) -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "versions": versions(*packages),
     }
+
+
+def write_json(path: Path, record: dict, load_before: list[float] | None, *packages: str) -> None:
+    """Writes one benchmark's ``record`` to ``path`` (its folder made first) with the load average
+    before (measured by the caller) and now, and the machine (:func:`describe` with ``packages``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {**record, "load_average_before": load_before, "load_average_after": load_average(),
+              "machine": describe(*packages)}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")

@@ -56,13 +56,8 @@ def main() -> int:
               f"(CPU {row['row_wise']['epoch_cpu_s']:.2f}), dense {row['dense']['epoch_s']:.2f} s "
               f"(CPU {row['dense']['epoch_cpu_s']:.2f})", flush=True)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "command": " ".join([Path(sys.executable).name, *sys.argv]), "rows": rows,
-            "load_average_before": load_before, "load_average_after": machine.load_average(),
-            "machine": machine.describe("jax", "jaxlib"),
-        }, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        machine.write_json(args.json, {"command": " ".join([Path(sys.executable).name, *sys.argv]), "rows": rows},
+                           load_before, "jax", "jaxlib")
     return 0
 
 

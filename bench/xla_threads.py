@@ -65,13 +65,9 @@ def main() -> int:
     for name, values in summary.items():
         print(f"{name:<16} median {values['train_s']:.3f} s per epoch, process CPU {values['process_cpu_s']:.1f} s")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({
-            "command": " ".join([Path(sys.executable).name, *sys.argv]), "settings": SETTINGS, "runs": runs,
-            "summary": summary, "load_average_before": load_before, "load_average_after": machine.load_average(),
-            "machine": machine.describe("jax", "jaxlib"),
-        }, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        machine.write_json(args.json, {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+                                        "settings": SETTINGS, "runs": runs, "summary": summary},
+                           load_before, "jax", "jaxlib")
     return 0
 
 

@@ -56,21 +56,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.save:
                 print(f"saved the folded model to {model.save(args.save)}")
         ranking = model.recommend(args.user, k=args.k, exclude_seen=not args.include_seen, strict=args.strict)
-        implicit = model.metadata["model"].get("feedback") == "implicit"
-        rows, value = ("interactions", "score") if implicit else ("ratings", "predicted rating")
+        if model.metadata["model"].get("feedback") == "implicit":  # scores that only order items
+            rows, order, column, mean, verb = "interactions", "score", "score", "score", "interacted with"
+        else:
+            rows, order, column, mean, verb = "ratings", "predicted rating", "predicted", "prediction", "rated"
         if ranking.fallback:
             how = "learned item bias" if model.kind == "bias" else f"number of training {rows}"
             print(
                 f"user {args.user} is unknown to the model: cold-start answer (fallback), items ranked by {how}; "
-                f"{value.split()[0]} = the mean {value.split()[-1] if implicit else 'prediction'} over the item's "
-                f"training {rows}"
+                f"{column} = the mean {mean} over the item's training {rows}"
             )
         else:
             index = int(model.lookup_users(args.user)[0][0])
-            verb = "interacted with" if implicit else "rated"
             seen = "" if args.include_seen else f", excluding the {len(model.seen(index))} items they {verb}"
-            print(f"top {len(ranking.ids)} for user {args.user} by {value}{seen}")
-        print(cli.format_ranking(ranking, value.split()[0]))
+            print(f"top {len(ranking.ids)} for user {args.user} by {order}{seen}")
+        print(cli.format_ranking(ranking, column))
         return 0
 
     return cli.run(body)
