@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from jaxcf import config as jconfig
 from jaxcf import data as jdata
-from jaxcf import evaluate as jevaluate
+from jaxcf import metrics as jevaluate
 from jaxcf import sgd as jsgd
 from jaxcf import trainer as jtrainer
 from reference_torch import notebook as nb

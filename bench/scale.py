@@ -144,7 +144,7 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxcf import evaluate, models, optim, rng, sparse, steps
+    from jaxcf import metrics, models, optim, rng, sparse, steps
     from jaxcf.config import OptimConfig
     from jaxcf.data import load_csv, random_split
 
@@ -202,7 +202,7 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
         losses = np.asarray(losses)  # the epoch's one host sync
         epoch_s, epoch_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         start = time.perf_counter()
-        predictions = evaluate.predict_pairs(state.params, valid[0], valid[1], y_range, chunk=1 << 20)
+        predictions = metrics.predict_pairs(state.params, valid[0], valid[1], y_range, chunk=1 << 20)
         valid_s = time.perf_counter() - start
         epochs.append({
             "epoch": epoch + 1,
@@ -211,7 +211,7 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
             "epoch_cpu_s": epoch_cpu_s,  # CPU seconds of this process (all threads) during the epoch
             "valid_s": valid_s,
             "train_loss_mean": float(np.mean(losses, dtype=np.float64)),
-            "valid_rmse": evaluate.rmse(predictions, valid[2]),
+            "valid_rmse": metrics.rmse(predictions, valid[2]),
         })
         print(f"  {num_ratings:>11,} ratings  epoch {epoch + 1}: {epoch_s:7.2f} s  "
               f"({num_train / epoch_s / 1e6:5.2f} M ratings/s)  valid RMSE {epochs[-1]['valid_rmse']:.4f}",

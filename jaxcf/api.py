@@ -4,6 +4,7 @@
     df = pd.read_csv("ratings.csv")                 # the config's user/item/rating columns
     model = jaxcf.fit(df)                            # bias.yaml's defaults and the notebook's split
     model = jaxcf.fit(df, config="best.yaml", overrides=["train.epochs=50"])   # or a Config object
+    model = jaxcf.fit("train.csv", test="test.csv", overrides=["data.valid_fraction=0"])   # your own split
     model.history[-1]["valid_rmse"]                  # the records metrics.jsonl would hold
     model.save("runs/mine")                          # the export the CLI writes; load_model reads it
 
@@ -49,6 +50,8 @@ def fit(
     config: Config | str | Path | None = None,
     overrides: Sequence[str] = (),
     *,
+    valid: Any = None,
+    test: Any = None,
     workdir: str | Path | None = None,
     resume: bool = False,
     quiet: bool = False,
@@ -61,11 +64,16 @@ def fit(
         config names (``data.name``, the bundled ml-latest-small by default).
       config: a :class:`jaxcf.Config`, a YAML path, a shipped config name (``"best.yaml"``), or None
         for the defaults (those of ``configs/bias.yaml``: the notebook's biased model).
+      valid: the validation part, a DataFrame or a CSV path (as ``data.valid_path``): scored every
+        epoch, may drive early stopping; instead of the random split of ``data``.
+      test: the test part, a DataFrame or a CSV path (as ``data.test_path``): scored and recorded as
+        ``test_*``, never used to choose anything.
       overrides: ``"key=value"`` strings, as the CLI's ``--set``.
       workdir: write the run there (config, checkpoints, metrics.jsonl, model/) as the CLI does;
         None trains in memory and writes nothing.
       resume: continue the run in ``workdir``.
-      quiet: no progress bar (it is drawn in terminals and notebooks otherwise).
+      quiet: no progress bar (otherwise drawn on stderr when it is a terminal, and in notebooks; never into
+        a redirected log).
 
     Returns:
       A :class:`jaxcf.inference.Model`; ``model.history`` holds the per-epoch records.
@@ -78,17 +86,29 @@ def fit(
     if isinstance(data, (str, Path)):
         overrides = [*overrides, f"data.path={Path(data)}"]
         data = None
+    for role, part in (("valid", valid), ("test", test)):
+        if isinstance(part, (str, Path)):  # a path goes into the config, so that the run records it
+            overrides = [*overrides, f"data.{role}_path={Path(part)}"]
     resolved = resolve_config(config, overrides)
+    frames = {role: part for role, part in (("valid", valid), ("test", test)) if isinstance(part, pd.DataFrame)}
+    for role, part in (("valid", valid), ("test", test)):
+        if part is not None and not isinstance(part, (str, Path, pd.DataFrame)):
+            raise config_module.ConfigError(f"{role} must be a pandas DataFrame or a path to a ratings CSV; got "
+                                            f"{type(part).__name__}")
     dataset = None
-    if isinstance(data, pd.DataFrame):
-        dataset = from_frame(data, resolved.data, resolved.seed)
+    if isinstance(data, pd.DataFrame) or (frames and resolved.data.path is not None):
+        train = data if isinstance(data, pd.DataFrame) else resolved.data.path
+        dataset = from_frame(train, resolved.data, resolved.seed, **frames)
+    elif frames:
+        raise config_module.ConfigError("validation or test data go with your own training data: pass it as a "
+                                        "DataFrame or a path")
     elif data is not None:
         raise config_module.ConfigError(
             f"data must be a pandas DataFrame, a path to a ratings CSV, or None; got {type(data).__name__}"
         )
     with open(os.devnull, "w") as silent:
         trained = trainer.fit(resolved, dataset, workdir=None if workdir is None else Path(workdir), resume=resume,
-                              quiet=quiet, out=silent, progress_bar=not quiet)
+                              quiet=quiet, out=silent)
     model = Model(trained.export())
     if workdir is not None:
         model.path = Path(workdir) / "model"

@@ -104,6 +104,7 @@ def family(config: Config, dataset: Dataset, layout=None) -> Family:
         raise ConfigError("model.kind bpr trains on one device: set mesh.data and mesh.model to 1")
     ratings = dataset.ratings
     train = steps.rows_by_user(ratings.users, dataset.split.train)
+    steps.check_batch_size(config.train.batch_size, len(train), "training interactions")
     num_users, num_items = ratings.num_users, ratings.num_items
     optimizer = optim.build(config.optim, steps.num_batches(len(train), config.train.batch_size) * config.train.epochs)
     users, items = jnp.asarray(ratings.users[train]), jnp.asarray(ratings.items[train])

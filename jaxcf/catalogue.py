@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcf.evaluate import bucket
+from jaxcf.metrics import bucket
 from jaxcf.models import score_block
 
 

@@ -15,8 +15,10 @@ save (``jaxcf.trainer``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,6 +52,34 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
+# What a failed write reports, as the operating system says it (orbax wraps it in paragraphs of context).
+OS_REASONS = ("No space left on device", "Permission denied", "Read-only file system", "Disk quota exceeded",
+              "File too large", "Input/output error")
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err)
+    for reason in OS_REASONS:
+        if reason in text:
+            return reason.lower()
+    return f"{type(err).__name__}: {_first_line(err)[:120]}"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Keeps orbax's own error logging (tracebacks through absl, for every failed write) off the terminal:
+    the caller reports the failure in one line."""
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax", "tensorstore")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def _digests(folder: Path) -> dict[str, dict]:
     """``{relative path: {"bytes": n, "sha256": hex}}`` of every file under ``folder`` but the manifest."""
     out = {}
@@ -71,24 +101,36 @@ def save(mngr: ocp.CheckpointManager, epoch: int, state: Any, progress: Mapping[
     """
     folder = _root(mngr) / str(epoch)
     try:
-        if folder.exists():  # an unsealed copy of this epoch left by a killed run
-            shutil.rmtree(folder)
-            mngr.reload()
-        mngr.save(
-            epoch,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(dict(progress))),
-            force=True,
-        )
-        mngr.wait_until_finished()
-        if jax.process_index() == 0:
-            atomic_write_text(folder / MANIFEST, json.dumps({"epoch": epoch, "files": _digests(folder)}, indent=1))
+        with _quiet():
+            if folder.exists():  # an unsealed copy of this epoch left by a killed run
+                shutil.rmtree(folder)
+                mngr.reload()
+            mngr.save(
+                epoch,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        progress=ocp.args.JsonSave(dict(progress))),
+                force=True,
+            )
+            mngr.wait_until_finished()
+            if jax.process_index() == 0:
+                manifest = {"epoch": epoch, "files": _digests(folder)}
+                atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
     except Exception as err:  # orbax/tensorstore raise many types for a failed write (OSError among them)
         shutil.rmtree(folder, ignore_errors=True)
+        earlier = [e for e in sorted(_steps(mngr)) if e < epoch and (_root(mngr) / str(e) / MANIFEST).is_file()]
+        then = (f"continue with --resume (from the checkpoint of epoch {earlier[-1]})" if earlier
+                else "train again (no earlier checkpoint was saved)")
         raise CheckpointError(
-            f"cannot write the checkpoint of epoch {epoch} in {_root(mngr)} ({type(err).__name__}: "
-            f"{_first_line(err)}); free space or fix permissions, then continue with --resume "
-            "from the last checkpoint"
+            f"cannot write the checkpoint of epoch {epoch} in {_root(mngr)} ({_reason(err)}); free space or fix "
+            f"permissions, then {then}"
         ) from None
+
+
+def _steps(mngr: ocp.CheckpointManager) -> list[int]:
+    try:
+        return list(mngr.all_steps())
+    except Exception:  # noqa: BLE001 (a manager that cannot even list its folder: no earlier checkpoint)
+        return []
 
 
 def verify(folder: Path) -> str | None:
@@ -191,10 +233,7 @@ def restore(mngr: ocp.CheckpointManager, epoch: int, abstract_state: Any, row_ax
     folder = _root(mngr) / str(epoch)
     problem = verify(folder)
     if problem:
-        raise CheckpointError(
-            f"checkpoint {folder} fails its integrity check: {problem}; delete that folder to resume from an "
-            "earlier checkpoint"
-        )
+        raise CheckpointError(f"checkpoint {folder} fails its integrity check: {problem}; {_instead(mngr, epoch)}")
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     try:
         saved = ocp.StandardCheckpointHandler().metadata(folder / "state")
@@ -210,6 +249,31 @@ def restore(mngr: ocp.CheckpointManager, epoch: int, abstract_state: Any, row_ax
     except Exception as err:  # orbax/tensorstore raise many types for damaged or foreign files
         raise CheckpointError(
             f"checkpoint {folder} cannot be restored ({type(err).__name__}: {_first_line(err)}); "
-            "delete that folder to resume from an earlier checkpoint"
+            f"{_instead(mngr, epoch)}"
         ) from None
     return restored["state"], progress
+
+
+def _instead(mngr: ocp.CheckpointManager, epoch: int) -> str:
+    """What to do about an unusable checkpoint: resume from an earlier sealed one, or, with none, start over."""
+    earlier = [e for e in sorted(_steps(mngr)) if e < epoch and (_root(mngr) / str(e) / MANIFEST).is_file()]
+    if earlier:
+        return f"delete that folder to resume from the checkpoint of epoch {earlier[-1]}"
+    return "no earlier checkpoint exists: start a new run in another --workdir"
+
+
+def saved_progress(mngr: ocp.CheckpointManager, epoch: int) -> dict:
+    """The JSON record saved with a checkpoint (the epoch, the history, the run's config), read before its
+    arrays so that a resume can say what changed instead of failing on shapes.
+
+    Raises:
+      CheckpointError: a damaged checkpoint (as :func:`restore`).
+    """
+    folder = _root(mngr) / str(epoch)
+    problem = verify(folder)
+    if problem:
+        raise CheckpointError(f"checkpoint {folder} fails its integrity check: {problem}; {_instead(mngr, epoch)}")
+    try:
+        return json.loads((folder / "progress" / "metadata").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}

@@ -15,6 +15,9 @@ from jaxcf.errors import JaxcfError, exit_status
 
 def run(body: Callable[[], int]) -> int:
     """Runs a command's body, turning the errors a user can fix into one line and an exit status."""
+    for stream in (sys.stdout, sys.stderr):  # an id that is not valid Unicode is shown escaped, not a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return body()
     except JaxcfError as err:
@@ -24,6 +27,19 @@ def run(body: Callable[[], int]) -> int:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         print(f"error: {first}", file=sys.stderr)
         return 2
+
+
+def load_model(path):
+    """``jaxcf.load_model`` for a CLI: an export of an earlier format loads, with one line on stderr naming
+    what of it no checksum covers."""
+    from jaxcf.inference import load_model as load
+
+    model = load(path)
+    if model.export.unverified:
+        print(f"note: {model.path} is an export of format {model.metadata.get('format_version')}: nothing verifies "
+              f"its {', '.join(model.export.unverified)}; save or re-export it with this jaxcf to verify them",
+              file=sys.stderr)
+    return model
 
 
 def format_ranking(ranking, score_name: str, id_name: str = "item") -> str:

@@ -35,9 +35,17 @@ class DataConfig:
     user_col: str = "userId"
     item_col: str = "movieId"
     rating_col: str = "rating"
-    # The notebook's 80/20 split: the first int(n * 0.2) rows of RandomState(seed).permutation(n).
+    # The notebook's 80/20 split: the first int(n * 0.2) rows of RandomState(seed).permutation(n)
+    # validate. 0 trains on every row (nothing validated: no early stopping). Not used with valid_path or
+    # a predefined split.
     valid_fraction: float = 0.2
-    # A predefined split of the dataset instead of the random one (ml-100k: u1..u5, ua, ub).
+    # Your own validation and test files (with data.path, your training file; same columns). Validation
+    # is scored every epoch and may drive early stopping; test is scored and recorded as test_* and never
+    # chooses anything (jaxcf.data.files).
+    valid_path: str | None = None
+    test_path: str | None = None
+    # A predefined split of the dataset instead of the random one (ml-100k: u1..u5, ua, ub); its .test
+    # part is the test set, and nothing is validated unless data.valid_path is set.
     split: str | None = None
     # Ratings outside this closed range are rejected as bad data; null accepts any finite rating.
     rating_range: tuple[float, float] | None = None
@@ -178,6 +186,16 @@ class Config:
     implicit: ImplicitConfig = dataclasses.field(default_factory=ImplicitConfig)
 
 
+# Bounds that no useful run comes near; past them a typo (1e8 factors) would exhaust memory before any check
+# of the data could say so. The memory a run needs is checked too, once the data is known (jaxcf.memory).
+MAX_FACTORS = 1 << 16
+MAX_MEMBERS = 1 << 14
+MAX_EPOCHS = 1 << 20
+MAX_BATCH = 1 << 26
+# The watchdog: below this an epoch's first call (it compiles) would be taken for a stall.
+MIN_STALL_SECONDS = 10.0
+MAX_STALL_SECONDS = 7 * 24 * 3600.0
+
 # Allowed values for enumerated keys: small explicit sets, no getattr dispatch.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.kind": ("dot", "bias", "ials", "bpr", "ease", "blend"),
@@ -210,6 +228,17 @@ def validate(config: Config) -> Config:
         if value < low:
             raise ConfigError(f"{key}: must be an integer >= {low}; got {value!r}")
 
+    # Seeds index NumPy's RandomState (0 .. 2**32 - 1), and an ensemble's members use seed + k.
+    if not 0 <= config.seed <= 2**32 - 1 - config.ensemble.size:
+        raise ConfigError(f"seed: must be an integer in [0, {2**32 - 1 - config.ensemble.size}] (NumPy's seed range, "
+                          f"less the {config.ensemble.size} member seed(s) above it); got {config.seed!r}")
+    for key, value, high in (("model.n_factors", config.model.n_factors, MAX_FACTORS),
+                             ("ensemble.size", config.ensemble.size, MAX_MEMBERS),
+                             ("train.epochs", config.train.epochs, MAX_EPOCHS),
+                             ("train.batch_size", config.train.batch_size, MAX_BATCH),
+                             ("train.eval_batch_size", config.train.eval_batch_size, MAX_BATCH)):
+        if value > high:
+            raise ConfigError(f"{key}: {value} is more than this library allows ({high}); lower it")
     positive("optim.learning_rate", config.optim.learning_rate)
     if not (math.isfinite(config.optim.weight_decay) and config.optim.weight_decay >= 0):
         raise ConfigError(f"optim.weight_decay: must be a finite number >= 0; got {config.optim.weight_decay!r}")
@@ -229,13 +258,17 @@ def validate(config: Config) -> Config:
     at_least("mesh.model", config.mesh.model, 1)
     if config.distributed.num_processes is not None:
         at_least("distributed.num_processes", config.distributed.num_processes, 1)
-    if not (math.isfinite(config.train.stall_seconds) and config.train.stall_seconds >= 0):
-        raise ConfigError(f"train.stall_seconds: must be a finite number >= 0 (0: no watchdog); got "
-                          f"{config.train.stall_seconds!r}")
+    stall = config.train.stall_seconds
+    if not (math.isfinite(stall) and (stall == 0 or MIN_STALL_SECONDS <= stall <= MAX_STALL_SECONDS)):
+        raise ConfigError(f"train.stall_seconds: must be 0 (no watchdog) or a number of seconds in "
+                          f"[{MIN_STALL_SECONDS:g}, {MAX_STALL_SECONDS:g}] (an epoch's first call compiles for "
+                          f"seconds); got {stall!r}")
     if config.distributed.process_id is not None:
         at_least("distributed.process_id", config.distributed.process_id, 0)
-    if not 0 < config.data.valid_fraction < 1:
-        raise ConfigError(f"data.valid_fraction: must be in (0, 1); got {config.data.valid_fraction!r}")
+    if not (math.isfinite(config.data.valid_fraction) and 0 <= config.data.valid_fraction < 1):
+        raise ConfigError(f"data.valid_fraction: must be in [0, 1) (0: train on every row); got "
+                          f"{config.data.valid_fraction!r}")
+    _validate_roles(config)
     for key, rng in (("model.y_range", config.model.y_range), ("data.rating_range", config.data.rating_range)):
         if rng is not None and not (all(map(math.isfinite, rng)) and rng[0] < rng[1]):
             raise ConfigError(f"{key}: must be [low, high] with finite low < high; got {list(rng)!r}")
@@ -254,6 +287,31 @@ def validate(config: Config) -> Config:
     _validate_ensemble(config)
     _validate_implicit(config)
     return config
+
+
+def has_validation(data: DataConfig) -> bool:
+    """Whether ``data`` gives validation rows (a validation file, a leave-last or random split of the
+    training rows); a predefined split (ml-100k's u1-u5) has a test part and no validation."""
+    if data.valid_path is not None:
+        return True
+    if data.split is not None:
+        return False
+    return bool(data.leave_last) or data.valid_fraction > 0
+
+
+def _validate_roles(config: Config) -> None:
+    data = config.data
+    for key in ("valid_path", "test_path"):
+        if getattr(data, key) == "":
+            raise ConfigError(f"data.{key}: must be a file path or null")
+    if data.valid_path is not None and data.leave_last:
+        raise ConfigError("data.valid_path and data.leave_last both choose the validation rows; set one of them")
+    if config.train.early_stopping_patience and not has_validation(data):
+        raise ConfigError(
+            "train.early_stopping_patience needs validation rows, and this data gives none (data.valid_fraction 0, "
+            "or a predefined split whose .test part is a test set); set data.valid_path or data.valid_fraction, "
+            "or set train.early_stopping_patience: 0 (early stopping never watches the test rows)"
+        )
 
 
 IMPLICIT_KINDS = ("ials", "bpr", "ease", "blend")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import reprlib
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,12 @@ from typing import Any
 import yaml
 
 from jaxcf.errors import ConfigError
+from jaxcf.fileio import UnsafeFileError, read_regular
+
+# How deep a config value may nest (a config's deepest is two levels: section, key, a short list).
+MAX_DEPTH = 16
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
 
 
 def suggest(key: str, options: Sequence[str]) -> str:
@@ -48,21 +55,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, e.g. [0.5, 5.0]; got {value!r}")
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, e.g. [0.5, 5.0]; got {shown(value)}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false; got {value!r}")
+        raise ConfigError(f"{key}: expected true or false; got {shown(value)}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{key}: expected an integer; got {value!r}")
+            raise ConfigError(f"{key}: expected an integer; got {shown(value)}")
         return value
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number; got {value!r}")
+            raise ConfigError(f"{key}: expected a number; got {shown(value)}")
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):
@@ -72,18 +79,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number; got {value!r}")
+        raise ConfigError(f"{key}: expected a number; got {shown(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: expected a string; got {value!r}")
+        raise ConfigError(f"{key}: expected a string; got {shown(value)}")
     raise ConfigError(f"{key}: unsupported type {tp!r}")
 
 
 def build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, Mapping):
         where = prefix.rstrip(".") or "the config"
-        raise ConfigError(f"{where}: expected a mapping of keys to values; got {raw!r}")
+        raise ConfigError(f"{where}: expected a mapping of keys to values; got {shown(raw)}")
     hints = typing.get_type_hints(cls)
     known = _known_keys(cls)
     for key in raw:
@@ -104,15 +111,27 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+# The largest config file read (a config is a few hundred bytes).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def shown(value: Any) -> str:
+    """A value for a message: its repr, shortened (a 5,000-deep list is not printed whole)."""
+    return _REPR.repr(value)
+
+
 def resolve_path(name: str | Path, config_dir: Path) -> Path:
     """A config argument as a file: an existing path, else a config shipped with the package.
 
     Raises:
-      ConfigError: when neither exists.
+      ConfigError: when neither exists, or the path names something that is not a regular file.
     """
     path = Path(name)
     if path.is_file():
         return path
+    if path.exists():
+        raise ConfigError(f"config file {str(name)!r} is not a regular file (a device, a pipe or a folder); "
+                          "give a path to a YAML file")
     for candidate in (config_dir / path.name, config_dir / f"{path.name}.yaml"):
         if candidate.is_file():
             return candidate
@@ -122,11 +141,15 @@ def resolve_path(name: str | Path, config_dir: Path) -> Path:
 
 def read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, MAX_CONFIG_BYTES).decode("utf-8")
+    except UnsafeFileError as err:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {err} (a config is a small YAML file)") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read config file {str(path)!r}: {err}") from None
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"config file {str(path)!r} nests too deeply to be a config") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -144,8 +167,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         key = key.strip()
         try:
             value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {key}: cannot parse value {text!r}") from None
+        except (yaml.YAMLError, RecursionError):
+            raise ConfigError(f"--set {key}: cannot parse value {shown(text)}") from None
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:
@@ -157,9 +180,11 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return raw
 
 
-def _deep_copy(raw: Any) -> Any:
+def _deep_copy(raw: Any, depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"a config value nests more than {MAX_DEPTH} levels deep; no config key takes that")
     if isinstance(raw, Mapping):
-        return {k: _deep_copy(v) for k, v in raw.items()}
+        return {k: _deep_copy(v, depth + 1) for k, v in raw.items()}
     if isinstance(raw, list):
-        return [_deep_copy(v) for v in raw]
+        return [_deep_copy(v, depth + 1) for v in raw]
     return raw

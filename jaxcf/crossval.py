@@ -5,7 +5,8 @@
 
 For each split the config is trained by ``jaxcf.trainer.fit`` (any model, exactly as ``python -m
 jaxcf.train`` would) into ``WORKDIR/<split>``. The exported model is then read back and scored on the
-split's validation ratings (``jaxcf.evaluate.final_metrics``: RMSE, MAE and the ranking metrics of
+split's validation and test ratings (ml-100k's folds: their .test part, a test set, reported as
+``test_rmse``) (``jaxcf.metrics.final_metrics``: RMSE, MAE and the ranking metrics of
 ``jaxcf.ranking``), so the figures are those of the model on disk. The summary gives each metric's
 mean and sample standard deviation (ddof 1) over the splits.
 
@@ -19,7 +20,7 @@ scored on the rest, beside the fallback for unknown users and joint retraining.
 ``--choose-prior-scale 0.25,0.5,1,2,4`` first picks fold-in's regularisation on held-out users drawn
 from the training users only.
 
-What does not live here: training (``jaxcf.trainer``), the metrics themselves (``jaxcf.evaluate``,
+What does not live here: training (``jaxcf.trainer``), the metrics themselves (``jaxcf.metrics``,
 ``jaxcf.ranking``).
 """
 
@@ -37,12 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxcf import cli, evaluate, export, trainer
+from jaxcf import cli, export, metrics, trainer
 from jaxcf.config import (
     Config,
     ConfigError,
     apply_overrides,
     from_dict,
+    has_validation,
     is_implicit,
     load,
     read_yaml,
@@ -53,6 +55,7 @@ from jaxcf.data import Dataset, holdout
 from jaxcf.data import load as load_dataset
 from jaxcf.data.implicit import from_config as implicit_data
 from jaxcf.fileio import atomic_write_text, strict_json
+from jaxcf.workdir import test_key
 
 SUMMARY_METRICS = ("valid_rmse", "valid_mae", "precision@10", "recall@10", "ndcg@10")
 IMPLICIT_SUMMARY = ("ndcg@20", "recall@20", "map@20", "mrr", "coverage@20")
@@ -78,7 +81,7 @@ def score_export(workdir: Path, dataset: Dataset) -> dict[str, float]:
 
         return implicit_family.metrics(dataset, model.weights)
     y_range = tuple(model.model["y_range"]) if model.model["kind"] == "bias" else None
-    return evaluate.final_metrics(dataset, y_range, model.weights)
+    return metrics.final_metrics(dataset, y_range, model.weights)
 
 
 def raw_config(args: argparse.Namespace) -> dict:
@@ -111,17 +114,22 @@ def run_splits(config: Config, splits: list, holdout_fraction: float | None, wor
         with open(os.devnull, "w") as quiet_out:
             trainer.fit(split_config, dataset, workdir=workdir / name, quiet=True, out=quiet_out)
         seconds = time.perf_counter() - start
-        metrics = score_export(workdir / name, dataset)
-        rows.append({"split": name, "rows": dataset.split.name, "metrics": metrics, "seconds": seconds,
-                     "num_train": len(dataset.split.train), "num_valid": len(dataset.split.valid)})
+        scored = score_export(workdir / name, dataset)
+        rows.append({"split": name, "rows": dataset.split.name, "metrics": scored, "seconds": seconds,
+                     "num_train": len(dataset.split.train), "num_valid": len(dataset.split.valid),
+                     "num_test": len(dataset.split.test)})
         label = name if split else dataset.split.name  # e.g. last-1-implicit, random-holdout0.1
-        if "valid_rmse" in metrics:
-            print(f"{label:>8}  valid_rmse {metrics['valid_rmse']:.4f}  valid_mae {metrics['valid_mae']:.4f}  "
-                  f"ndcg@10 {metrics['ndcg@10']:.4f}  {seconds:.0f}s", flush=True)
-        else:
-            print(f"{label:>8}  ndcg@20 {metrics['ndcg@20']:.4f}  recall@20 {metrics['recall@20']:.4f}  "
-                  f"{seconds:.0f}s", flush=True)
+        names = ("ndcg@20", "recall@20") if is_implicit(config) else ("valid_rmse", "valid_mae", "ndcg@10")
+        shown = "  ".join(f"{key} {scored[key]:.4f}" for key in map(lambda n: reported(scored, n), names)
+                          if isinstance(scored.get(key), float))
+        print(f"{label:>8}  {shown}  {seconds:.0f}s", flush=True)
     return rows
+
+
+def reported(found: dict, name: str) -> str:
+    """The key a summary reports for a metric: its validation figure, else its test one (``test_rmse``
+    for a named fold, whose .test part is a test set)."""
+    return name if name in found else test_key(name)
 
 
 def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -228,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"results in {out_path}")
             return 0
         points = grid_points(args)
+        if len(points) > 1 and args.holdout is None and not has_validation(config.data):
+            raise ConfigError("--grid chooses among its points on validation rows, and these splits have none (a named "
+                              "fold's .test part is a test set, never used to choose): add --holdout 0.1")
         results = []
         for point in points:
             point_config = config if not point else from_dict(apply_overrides(
@@ -237,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = run_splits(point_config, splits, args.holdout, workdir / point_name(point))
             results.append({"point": point, "splits": rows, "summary": summarise(rows)})
         monitor, sign = ("ndcg@20", -1) if is_implicit(config) else ("valid_rmse", 1)
+        monitor = reported(results[0]["summary"], monitor)
         best = min(results, key=lambda r: sign * r["summary"][monitor]["mean"])
         result = {
             "command": " ".join(["python -m jaxcf.crossval", *(argv if argv is not None else sys.argv[1:])]),
@@ -253,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"best point ({monitor}): {json.dumps(best['point'])}")
         for metric in IMPLICIT_SUMMARY if is_implicit(config) else SUMMARY_METRICS:
             summary = best["summary"]
+            metric = reported(summary, metric)
+            if metric not in summary:
+                continue
             print(f"{metric:>12}  {summary[metric]['mean']:.4f} ± {summary[metric]['std']:.4f}  "
                   f"over {len(best['splits'])} split(s)")
         print(f"results in {out_path}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcf import distributed
+from jaxcf import distributed, memory
 from jaxcf.config import Config
 from jaxcf.data import Dataset
 from jaxcf.errors import ConfigError, TrainingDiverged
@@ -67,6 +67,9 @@ def family(config: Config, dataset: Dataset, layout=None) -> Family:
         raise ConfigError(f"model.kind ease: {num_items} items need a {num_items} x {num_items} inverse; this "
                           f"implementation stops at {MAX_ITEMS} items (use model.kind ials)")
     lam = float(config.implicit.ease_lambda)
+    # The interaction matrix (float32 users x items, twice: it and its scores) and the items x items solve.
+    memory.check(4 * 2 * num_users * num_items + 8 * 3 * num_items**2, "EASE's matrices",
+                 "use model.kind ials for this many users and items")
     rows = jnp.asarray(interaction_rows(users, items, num_users, num_items))
 
     def init():

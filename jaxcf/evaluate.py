@@ -1,134 +1,87 @@
-"""Metrics as pure functions, predictions for any number of (user, item) pairs (the one copy), and the
-closing metrics of a model on a split.
+"""``python -m jaxcf.evaluate``: a saved model's metrics on a ratings file (yours, or a held-out part).
 
-What does not live here: the scoring rule (``jaxcf.models``), the ranking protocol (``jaxcf.ranking``),
-raw-id lookups (``jaxcf.inference``).
+    python -m jaxcf.evaluate --model runs/bias --ratings test.csv [--json metrics.json]
+                             [--user-col userId --item-col movieId --rating-col rating]
+
+The file is read with the model's own column names by default (its training config's ``data.*_col``),
+its ids matched exactly as the model's, and scored by the code that scores a run's validation and test
+parts (``Model.evaluate``, ``jaxcf.heldout``): for a rating model ``rmse``, ``mae``, ``mse`` over every
+row answered as ``predict`` answers it (fallbacks included, flagged in ``rows_fallback``), ``rmse_known``
+over the rows whose ids were trained, ``rows``, ``rows_known`` and the ranking metrics; for an
+implicit-feedback model the ranking metrics of its protocol. Trained with ``data.test_path`` set to the
+same file, ``rmse`` equals the run's last ``test_rmse``.
+
+Exit status: 0 done; 2 bad input (one line on stderr; nothing written).
+
+What does not live here: the metrics (``jaxcf.metrics``, ``jaxcf.heldout``).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
-from collections.abc import Mapping
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from jaxcf import cli
+from jaxcf.errors import ModelError
+from jaxcf.fileio import atomic_write_text, strict_json
 
-from jaxcf import ranking
-from jaxcf.models import score_pairs
-
-MIN_ROUND = 256  # the smallest call ``round_up`` makes: requests of 1-256 pairs share one compiled shape
-
-
-def bucket(n: int) -> int:
-    """The power of two at or above ``n``: request sizes rounded so a few compiled shapes serve all."""
-    return 1 << max(0, (n - 1).bit_length())
+SHOWN = ("rmse", "mae", "rmse_known", "precision@10", "recall@10", "ndcg@10")
+SHOWN_IMPLICIT = ("ndcg@20", "recall@20", "map@20", "mrr", "hit@20", "coverage@20")
 
 
-def predict_pairs(
-    params: Mapping[str, jax.Array],
-    users: np.ndarray,
-    items: np.ndarray,
-    y_range: tuple[float, float] | None = None,
-    *,
-    chunk: int = 65536,
-    per_member: bool = False,
-    round_up: bool = False,
-) -> np.ndarray:
-    """``jaxcf.models.score_pairs`` over any number of index pairs, in fixed-size chunks.
-
-    Args:
-      params: a model's tables, or an ensemble's stacked ones.
-      users, items: int[n] indices in range.
-      y_range: the biased model's output range; None for the dot model.
-      chunk: pairs per device call; every call has this size (the tail is padded), so one compiled
-        program serves the whole array.
-      per_member: an ensemble's per-member predictions instead of their mean.
-      round_up: make the call size ``min(chunk, the power of two at or above max(n, MIN_ROUND))``
-        instead of ``min(chunk, n)``: for many requests of varying sizes (inference), a few
-        compiled shapes.
-
-    Returns:
-      float32[n] (or float32[K, n] with ``per_member``) on the host.
-    """
-    n = len(users)
-    size = max(1, min(chunk, bucket(max(n, MIN_ROUND)) if round_up else n))
-    y = tuple(float(v) for v in y_range) if y_range is not None else None
-    out = []
-    for start in range(0, n, size):
-        u = np.asarray(users[start : start + size], np.int32)
-        i = np.asarray(items[start : start + size], np.int32)
-        count = len(u)
-        if count < size:
-            u, i = np.pad(u, (0, size - count)), np.pad(i, (0, size - count))
-        scores = np.asarray(score_pairs(params, jnp.asarray(u), jnp.asarray(i), y, per_member))
-        out.append(scores[..., :count])
-    if out:
-        return np.concatenate(out, axis=-1)
-    members = next(iter(params.values())).shape[0] if per_member and params["user_embedding"].ndim == 3 else None
-    return np.zeros((members, 0) if members else (0,), np.float32)
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jaxcf.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a training workdir or an exported model folder")
+    parser.add_argument("--ratings", required=True, help="a CSV of (user, item, rating) rows")
+    parser.add_argument("--json", type=Path, help="also write every metric to this JSON file")
+    parser.add_argument("--user-col", help="the user column (default: the model's data.user_col)")
+    parser.add_argument("--item-col", help="the item column (default: the model's data.item_col)")
+    parser.add_argument("--rating-col", help="the rating column (default: the model's data.rating_col)")
+    return parser.parse_args(argv)
 
 
-def regression_metrics(predictions: np.ndarray, targets: np.ndarray, prefix: str = "valid_") -> dict[str, float]:
-    """MSE, RMSE and MAE in float64, keyed ``valid_mse`` etc."""
-    value = mse(predictions, targets)
-    return {f"{prefix}mse": value, f"{prefix}rmse": math.sqrt(value), f"{prefix}mae": mae(predictions, targets)}
+def format_metrics(found: dict, implicit: bool) -> str:
+    """The printed summary: counts, then one metric per line."""
+    if implicit:
+        lines = [f"{found['rows']} rows, {found['rows_interactions']} interactions (rating >= "
+                 f"{found['implicit_threshold']:g}), {found['scored_users']} users scored"]
+        names = SHOWN_IMPLICIT
+    else:
+        lines = [f"{found['rows']} rows: {found['rows_known']} with a trained user and item, "
+                 f"{found['rows_fallback']} answered by the fallback"]
+        names = SHOWN
+    for name in names:
+        value = found.get(name)
+        if isinstance(value, float) and math.isfinite(value):
+            lines.append(f"{name:>12}  {value:.6f}")
+    return "\n".join(lines)
 
 
-def mse(predictions: np.ndarray, targets: np.ndarray) -> float:
-    """Mean squared error over all ratings, accumulated in float64."""
-    diff = predictions.astype(np.float64) - targets.astype(np.float64)
-    return float(np.mean(diff * diff))
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def body() -> int:
+        if args.json is not None and (args.json.is_dir() or args.json.is_symlink()):
+            raise ModelError(f"--json {args.json}: is a directory or a link; give a new file name")
+        model = cli.load_model(args.model)
+        found = model.evaluate(args.ratings, user_col=args.user_col, item_col=args.item_col,
+                               rating_col=args.rating_col)
+        print(f"{model.kind} model {model.path} on {args.ratings}")
+        print(format_metrics(found, model.feedback == "implicit"))
+        if args.json is not None:
+            payload = {"model": str(model.path), "ratings": str(args.ratings), "kind": model.kind, **found}
+            try:
+                atomic_write_text(args.json, json.dumps(strict_json(payload), indent=2) + "\n")
+            except OSError as err:
+                raise ModelError(f"--json {args.json}: cannot write it ({err.strerror})") from None
+        return 0
+
+    return cli.run(body)
 
 
-def rmse(predictions: np.ndarray, targets: np.ndarray) -> float:
-    return math.sqrt(mse(predictions, targets))
-
-
-def mae(predictions: np.ndarray, targets: np.ndarray) -> float:
-    return float(np.mean(np.abs(predictions.astype(np.float64) - targets.astype(np.float64))))
-
-
-def batch_mean_mse(predictions: np.ndarray, targets: np.ndarray, batch_size: int = 128) -> float:
-    """The notebook's validation figure: the mean of per-batch MSEs over batches of 128.
-
-    It weights the last, smaller batch like a full one, so it differs slightly from :func:`mse`.
-    """
-    diff = predictions.astype(np.float64) - targets.astype(np.float64)
-    sq = diff * diff
-    means = [sq[i : i + batch_size].mean() for i in range(0, len(sq), batch_size)]
-    return float(np.mean(means))
-
-
-def debiased_ema(
-    avg_loss: float, batch_num: int, losses: np.ndarray, momentum: float = 0.98
-) -> tuple[float, int, float]:
-    """The notebook's smoothed training loss, continued over one epoch's batch losses.
-
-    ``avg = avg * m + loss * (1 - m)`` per batch, debiased by ``1 - m ** batch_num``; the running
-    ``batch_num`` counts batches over all epochs, as in the notebook. Computed on the host in
-    float64, as the notebook's Python floats are.
-
-    Returns:
-      (avg_loss, batch_num, debiased loss).
-    """
-    for loss in np.asarray(losses, dtype=np.float64).tolist():
-        batch_num += 1
-        avg_loss = avg_loss * momentum + loss * (1 - momentum)
-    return avg_loss, batch_num, avg_loss / (1 - momentum**batch_num)
-
-
-def final_metrics(dataset, y_range, params: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """A model's validation RMSE/MAE and ranking metrics on ``dataset``'s split, scored as a loaded
-    model scores it: what the closing record of a run holds, and what ``jaxcf.crossval`` reports."""
-    ratings = dataset.ratings
-    train_rows, valid_rows = dataset.split.train, dataset.split.valid
-    predictions = predict_pairs(params, ratings.users[valid_rows], ratings.items[valid_rows], y_range)
-    metrics = regression_metrics(predictions, ratings.ratings[valid_rows])
-    ks = [k for k in ranking.DEFAULT_KS if k <= ratings.num_items] or [ratings.num_items]
-    metrics.update(ranking.model_ranking_metrics(
-        params, y_range, ratings.num_items,
-        (ratings.users[train_rows], ratings.items[train_rows]),
-        (ratings.users[valid_rows], ratings.items[valid_rows], ratings.ratings[valid_rows]), ks=ks,
-    ))
-    return metrics
+if __name__ == "__main__":
+    sys.exit(main())

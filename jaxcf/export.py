@@ -1,4 +1,4 @@
-"""The portable model export (format 2): one writer and one reader, for every kind of model.
+"""The portable model export (format 3): one writer and one reader, for every kind of model.
 
 Files in ``WORKDIR/model``: ``weights.safetensors`` (the tables, names as in ``jaxcf.models``; an
 ensemble's stacked along a leading member axis), ``ids.json`` (raw ids of every row, in index
@@ -14,8 +14,16 @@ previous one intact.
 Read with nothing taken on trust: ``metadata.json`` is bounded; every listed file must be a regular
 file of exactly its declared size, matching its sha256; the fields that change predictions (kind,
 output range, sizes, members) are also stored in the weights file's own header and must agree,
-finite and ordered; ids must be unique integers or texts; tables must be finite float32 of the
-declared shapes. Anything else is a :class:`jaxcf.errors.ModelError` with one line.
+finite and ordered; and the weights' header holds the sha256 of the rest of ``metadata.json`` (every
+section but the file list: model, config, data, metrics), so no field that changes an answer (an
+implicit model's threshold and alpha, the validation error fold-in's prior reads) can change
+unnoticed. Ids must be unique integers or texts; tables must be finite float32 of the declared
+shapes. Anything else is a :class:`jaxcf.errors.ModelError` with one line. Exports of format 2 (no
+digest) still load: :attr:`Export.unverified` names the fields nothing verifies, and the CLIs say so.
+
+A reader never sees a half-replaced export: every file is read through one handle on the folder, and
+when the folder was replaced while it was being read (an export written over it), it is read again,
+so the reader gets the old export or the new one, whole.
 
 What does not live here: resumable checkpoints (``jaxcf.checkpoint``), using a model (``jaxcf.inference``).
 """
@@ -26,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,10 +44,22 @@ import numpy as np
 import safetensors.numpy
 
 from jaxcf.errors import ModelError
-from jaxcf.fileio import UnsafeFileError, read_regular, replace_directory, staging_directory, strict_json
+from jaxcf.fileio import (
+    UnsafeFileError,
+    read_regular,
+    replace_directory,
+    replaceable,
+    staging_directory,
+    strict_json,
+)
 
 EXPORT_DIR = "model"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
+# What a format-2 export (no metadata digest) leaves unverified.
+UNVERIFIED_V2 = ("metadata.json's model fields beyond kind, y_range, sizes and members", "config", "data", "metrics")
+# Reads of a folder that was replaced meanwhile are retried this many times.
+READ_ATTEMPTS = 5
 METADATA = "metadata.json"
 REQUIRED_FILES = ("weights.safetensors", "seen.safetensors", "ids.json")
 TABLES = {
@@ -66,6 +87,8 @@ class Export:
       seen_users, seen_items: int32[n_train] indices of the training pairs.
       titles: list of (raw item id, title) pairs, or None.
       seen_ratings: float32[n_train] the training pairs' ratings, or None when not stored.
+      unverified: the parts of ``metadata.json`` that no checksum covers (a format-2 export's); empty for
+        the current format.
     """
 
     path: Path | None
@@ -77,6 +100,7 @@ class Export:
     seen_items: np.ndarray
     titles: list | None
     seen_ratings: np.ndarray | None = None
+    unverified: tuple = ()
 
     @property
     def model(self) -> dict:
@@ -87,10 +111,19 @@ def _json_ids(raw: np.ndarray) -> list:
     return [int(v) for v in raw.tolist()] if raw.dtype.kind in "iu" else [str(v) for v in raw.tolist()]
 
 
-def _header(model: Mapping[str, Any]) -> dict[str, str]:
+def metadata_digest(metadata: Mapping[str, Any]) -> str:
+    """The sha256 of ``metadata`` without its file list, as canonical JSON (sorted keys, no spaces)."""
+    covered = {key: value for key, value in metadata.items() if key != "files"}
+    text = json.dumps(strict_json(covered), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _header(metadata: Mapping[str, Any]) -> dict[str, str]:
     """The weights' ``__metadata__``: one key holding sorted JSON, so the file's bytes are reproducible
     (safetensors writes several metadata keys in a random order)."""
-    fields = {"format": "jaxcf", "format_version": FORMAT_VERSION, **{key: model.get(key) for key in HEADER_FIELDS}}
+    model = metadata["model"]
+    fields = {"format": "jaxcf", "format_version": FORMAT_VERSION, **{key: model.get(key) for key in HEADER_FIELDS},
+              "metadata_sha256": metadata_digest(metadata)}
     return {"jaxcf": json.dumps(fields, sort_keys=True, separators=(",", ":"))}
 
 
@@ -139,14 +172,14 @@ def build(
     ratings = None if train_ratings is None else np.asarray(train_ratings, np.float32)
     result = Export(None, metadata, weights, np.asarray(user_ids), np.asarray(item_ids),
                     np.asarray(train_users, np.int32), np.asarray(train_items, np.int32), title_pairs, ratings)
-    _check(result, "the model", _header(dict(model_info)))
+    _check(result, "the model", _header(metadata))
     return result
 
 
 def payloads(result: Export) -> dict[str, bytes]:
     """The bytes of every file of the export but ``metadata.json``."""
     files = {
-        "weights.safetensors": safetensors.numpy.save(result.weights, metadata=_header(result.model)),
+        "weights.safetensors": safetensors.numpy.save(result.weights, metadata=_header(result.metadata)),
         "seen.safetensors": safetensors.numpy.save({
             "users": result.seen_users, "items": result.seen_items,
             **({"ratings": result.seen_ratings} if result.seen_ratings is not None else {}),
@@ -158,13 +191,42 @@ def payloads(result: Export) -> dict[str, bytes]:
     return files
 
 
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` is an export jaxcf wrote (a ``metadata.json`` listing its files) holding nothing
+    else: the only kind of folder :func:`save` replaces."""
+    try:
+        metadata = json.loads(read_regular(folder / METADATA, MAX_METADATA_BYTES).decode("utf-8"))
+        listed = set(metadata["files"]) | {METADATA}
+        return isinstance(metadata.get("format_version"), int) and {p.name for p in folder.iterdir()} <= listed
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def check_target(folder: str | Path) -> None:
+    """Refuses a folder :func:`save` must not replace (``jaxcf.fileio.replaceable``).
+
+    Raises:
+      ModelError: one line naming what is there and what to do.
+    """
+    reason = replaceable(Path(folder), is_export, "model export")
+    if reason is not None:
+        raise ModelError(reason)
+
+
 def save(result: Export, folder: str | Path) -> Path:
-    """Writes ``result`` as an export folder, replacing any folder there as a whole.
+    """Writes ``result`` as an export folder, replacing an export there as a whole (never anything else:
+    :func:`check_target`).
 
     Returns:
       The folder.
+
+    Raises:
+      ModelError: a target that is not a missing or empty folder or a previous export.
     """
     folder = Path(folder)
+    check_target(folder)
+    result = dataclasses.replace(result, metadata={**result.metadata, "format_version": FORMAT_VERSION})
+    result.metadata.pop("files", None)
     files = payloads(result)
     metadata = {**result.metadata,
                 "files": {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -184,6 +246,16 @@ def write(workdir: str | Path, **parts: Any) -> Path:
 
 
 # ------------------------------------------------------------------------------------- reading
+
+
+def implicit_threshold(metadata) -> float | None:
+    """The interaction threshold of an implicit-feedback export (None for a rating model)."""
+    if metadata["model"].get("feedback") != "implicit":
+        return None
+    value = (metadata.get("data") or {}).get("implicit_threshold")
+    if value is None:
+        value = ((metadata.get("config") or {}).get("data") or {}).get("implicit_threshold", 4.0)
+    return float(value)
 
 
 def find_export(path: str | Path) -> Path:
@@ -206,19 +278,20 @@ def find_export(path: str | Path) -> Path:
     )
 
 
-def _read(folder: Path, name: str, max_bytes: int, exact: int | None = None) -> bytes:
+def _read(folder: Path, name: str, max_bytes: int, exact: int | None = None, dir_fd: int | None = None) -> bytes:
     try:
-        return read_regular(folder / name, max_bytes, exact)
+        return read_regular(folder / name if dir_fd is None else Path(name), max_bytes, exact, dir_fd=dir_fd)
     except FileNotFoundError:
         raise ModelError(f"{folder / name}: missing; the export is incomplete, copy or re-export it") from None
     except UnsafeFileError as err:
-        raise ModelError(f"{err}; an export holds only regular files of their declared sizes: re-export") from None
+        raise ModelError(f"{folder / name}: {str(err).split(': ', 1)[-1]}; an export holds only regular files of "
+                         "their declared sizes: re-export") from None
     except OSError as err:
         raise ModelError(f"{folder / name}: cannot read ({err.strerror})") from None
 
 
-def _read_metadata(folder: Path) -> dict:
-    payload = _read(folder, METADATA, MAX_METADATA_BYTES)
+def _read_metadata(folder: Path, dir_fd: int | None = None) -> dict:
+    payload = _read(folder, METADATA, MAX_METADATA_BYTES, dir_fd=dir_fd)
     try:
         metadata = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -226,10 +299,10 @@ def _read_metadata(folder: Path) -> dict:
     if not isinstance(metadata, dict):
         raise ModelError(f"{folder / METADATA}: not a JSON object; re-export the model")
     version = metadata.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise ModelError(
-            f"{folder / METADATA}: export format {version!r}, this jaxcf reads format {FORMAT_VERSION}; "
-            "use the jaxcf version that wrote it or re-export"
+            f"{folder / METADATA}: export format {version!r}, this jaxcf reads formats "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; use the jaxcf version that wrote it or re-export"
         )
     files = metadata.get("files")
     if not isinstance(files, dict) or not isinstance(metadata.get("model"), dict):
@@ -249,12 +322,12 @@ def _read_metadata(folder: Path) -> dict:
     return metadata
 
 
-def _read_verified(folder: Path, metadata: dict) -> dict[str, bytes]:
+def _read_verified(folder: Path, metadata: dict, dir_fd: int | None = None) -> dict[str, bytes]:
     """Reads every listed file (exactly its declared size) and checks its sha256; the bytes hashed are
     the bytes parsed, so a file cannot change between the check and the use."""
     out = {}
     for name, entry in metadata["files"].items():
-        payload = _read(folder, name, entry["bytes"], entry["bytes"])
+        payload = _read(folder, name, entry["bytes"], entry["bytes"], dir_fd=dir_fd)
         actual = hashlib.sha256(payload).hexdigest()
         if actual != entry["sha256"]:
             raise ModelError(
@@ -286,8 +359,36 @@ def read(path: str | Path) -> Export:
       ModelError: anything missing, tampered, unbounded, inconsistent or non-finite (one line).
     """
     folder = find_export(path)
-    metadata = _read_metadata(folder)
-    files = _read_verified(folder, metadata)
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as err:
+            raise ModelError(f"{folder}: cannot open ({err.strerror})") from None
+        try:
+            opened = os.fstat(dir_fd)
+            return _read_from(folder, dir_fd)
+        except ModelError:
+            # An export written over this one while it was read: read the new one, whole.
+            if attempt + 1 == READ_ATTEMPTS or not _replaced(folder, opened):
+                raise
+        finally:
+            os.close(dir_fd)
+    raise AssertionError("unreachable")
+
+
+def _replaced(folder: Path, opened: os.stat_result) -> bool:
+    """Whether ``folder`` now names another directory than the one that was opened."""
+    try:
+        now = os.stat(folder)
+    except OSError:
+        return True
+    return (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino)
+
+
+def _read_from(folder: Path, dir_fd: int) -> Export:
+    """Every file of the export, read through one handle on its folder (a replaced folder cannot mix in)."""
+    metadata = _read_metadata(folder, dir_fd)
+    files = _read_verified(folder, metadata, dir_fd)
     where = f"{folder}"
     try:
         weights = safetensors.numpy.load(files["weights.safetensors"])
@@ -304,8 +405,9 @@ def read(path: str | Path) -> Export:
         raise ModelError(f"{where}: ids.json is not a {{'users': [...], 'items': [...]}} table; re-export the model")
     if "users" not in seen or "items" not in seen:
         raise ModelError(f"{where}: seen.safetensors needs 'users' and 'items' arrays; re-export the model")
+    unverified = UNVERIFIED_V2 if metadata["format_version"] == 2 else ()
     result = Export(folder, metadata, weights, _ids(ids["users"], where, "users"), _ids(ids["items"], where, "items"),
-                    seen["users"], seen["items"], titles, seen.get("ratings"))
+                    seen["users"], seen["items"], titles, seen.get("ratings"), unverified)
     _check(result, where, header)
     return dataclasses.replace(result, seen_users=result.seen_users.astype(np.int32),
                                seen_items=result.seen_items.astype(np.int32))
@@ -341,6 +443,9 @@ def _check(result: Export, where: str, header: Mapping[str, Any]) -> None:
         stored = fields.get(key)
         if stored != model.get(key):
             raise bad(f"metadata.json says {key} {model.get(key)!r} but the weights' header says {stored!r}")
+    if result.metadata.get("format_version", FORMAT_VERSION) >= 3 and (
+            fields.get("metadata_sha256") != metadata_digest(result.metadata)):
+        raise bad("metadata.json was changed after export (it does not match the digest in the weights' header)")
     kind, members = model.get("kind"), model.get("ensemble_size")
     if kind not in TABLES:
         raise bad(f"unknown model kind {kind!r}")

@@ -12,9 +12,13 @@ item              the mean of the model's predictions over the user's training r
 both              the mean of the model's predictions over all training pairs
 ================  ===========================================================================
 
-A known item (user) without training ratings, one that appeared only in the validation split, has
-no mean of its own and gets the overall mean. With no training pairs at all the answer is the
-middle of the range (bias model) or 0 (dot model).
+**Known means trained.** An id the model has a table row for but no training rating (one that
+appeared only in the validation or test part of the data) is unknown here: its row was never
+trained, so it is answered by this policy and flagged, never scored from that row. With no
+training pairs at all the answer is the middle of the range (bias model) or 0 (dot model).
+
+The one answer rule (:func:`answer`) serves ``Model.predict`` and every metric that says what a user
+gets (``valid_rmse``, ``test_rmse``, ``jaxcf.evaluate``), so they agree to the last digit.
 
 Why not Surprise's literal "known terms only", ``sigmoid(b_item)`` scaled? Surprise's biased SVD
 adds its biases to the global mean; this model has no global-mean term (the dot product carries
@@ -24,8 +28,9 @@ that literal rule anyway (bias model: the scaled sigmoid of the known biases; th
 range when both are unknown). ``strict=True`` raises ``UnknownIdError`` instead.
 
 Cold start in ``Model.recommend`` (unknown user, not strict): the bias model's items ranked by
-learned item bias, the dot model's by number of training ratings; each scored with its
-unknown-user fallback above, and the ranking flagged ``fallback``.
+learned item bias, the other models' by number of training ratings (:func:`cold_start_key`); each
+scored with its unknown-user fallback above, and the ranking flagged ``fallback``. Items without
+training ratings are never recommended, to anyone.
 
 What does not live here: the model and its lookups (``jaxcf.inference``).
 """
@@ -33,10 +38,16 @@ What does not live here: the model and its lookups (``jaxcf.inference``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
 FALLBACKS = ("mean", "known_terms")
+
+
+def trained(rows: np.ndarray, size: int) -> np.ndarray:
+    """bool[size]: which rows (users or items) have at least one training pair in ``rows``."""
+    return np.bincount(np.asarray(rows, np.int64), minlength=size)[:size] > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +91,32 @@ def scores(table: Tables, users: np.ndarray, items: np.ndarray, user_known: np.n
     out[only_item] = table.per_item[items[only_item]]
     out[only_user] = table.per_user[users[only_user]]
     return out
+
+
+def answer(score_known: Callable[[np.ndarray, np.ndarray], np.ndarray], table: Tables, users: np.ndarray,
+           items: np.ndarray, user_known: np.ndarray, item_known: np.ndarray) -> np.ndarray:
+    """float32[n]: what the model answers for each pair: its prediction where both ids are known
+    (trained), the policy's fallback elsewhere.
+
+    Args:
+      score_known: ``(users, items) -> float32[m]`` the model's predictions for index pairs.
+      table: from :func:`tables`.
+      users, items: int[n] indices (any value where unknown).
+      user_known, item_known: bool[n] whether each id is known and trained.
+    """
+    out = scores(table, users, items, user_known, item_known)
+    both = user_known & item_known
+    if both.any():
+        out[both] = score_known(users[both], items[both])
+    return out
+
+
+def cold_start_key(item_bias: np.ndarray | None, item_counts: np.ndarray) -> np.ndarray:
+    """float64[num_items]: the order of the cold-start answer, higher first; items without training
+    ratings last (they are never recommended)."""
+    key = np.asarray(item_bias if item_bias is not None else item_counts, np.float64).copy()
+    key[np.asarray(item_counts) == 0] = -np.inf
+    return key
 
 
 def known_terms(user_bias: np.ndarray, item_bias: np.ndarray, y_range: tuple[float, float], users: np.ndarray,

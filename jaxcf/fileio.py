@@ -3,6 +3,8 @@
 - :func:`atomic_write_bytes`: a temporary file in the same folder, fsynced, then ``os.replace``.
 - :func:`replace_directory`: a whole folder written beside its target, then swapped in by a rename,
   so a failed write (a full disk, a kill) leaves the previous folder as it was.
+- :func:`replaceable`: whether a folder may be replaced at all: no write deletes what it did not
+  create (only a missing or empty folder, or one of jaxcf's own of the same kind, is replaced).
 - :func:`read_regular`: reads a regular file of at most a given size; a FIFO, a device or a folder is
   refused before anything blocks or grows without limit.
 - :func:`strict_json`: NaN and infinities as null, so that what jaxcf writes is JSON.
@@ -20,7 +22,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +136,44 @@ def replace_directory(staging: Path, target: Path) -> None:
     _fsync_directory(target.parent)
 
 
-def read_regular(path: Path, max_bytes: int, exact: int | None = None) -> bytes:
+def replaceable(target: Path, owned: Callable[[Path], bool], what: str) -> str | None:
+    """Why ``target`` must not be replaced by a new ``what`` folder, or None when it may be.
+
+    It may be when it does not exist, or is an empty folder, or a folder that ``owned`` recognises as
+    one jaxcf wrote of the same kind (holding nothing else). A symlink, a file, the current directory
+    (or one above it) and any other folder are refused: replacing them would delete what jaxcf did not
+    create.
+
+    Args:
+      target: the folder to write.
+      owned: ``folder -> bool``: whether the existing folder is a ``what`` jaxcf wrote, holding nothing else.
+      what: the kind of folder, for the message ("model export", "report").
+
+    Returns:
+      None, or a one-line reason that names what to do.
+    """
+    target = Path(target)
+    if str(target) in ("", "."):
+        return f"{what} folder {str(target)!r}: give the name of a new folder (not the current directory)"
+    if target.is_symlink():
+        return f"{target} is a symbolic link; give the name of a new folder (links are never replaced)"
+    if not target.exists():
+        return None
+    if not target.is_dir():
+        return f"{target} is a file; give the name of a new folder (files are never replaced)"
+    try:
+        here = Path.cwd().resolve()
+        if target.resolve() == here or target.resolve() in here.parents:
+            return f"{target} is the current directory or one above it; give the name of a new folder"
+        if not any(target.iterdir()) or owned(target):
+            return None
+    except OSError as err:
+        return f"{target}: cannot be inspected ({err.strerror}); give the name of a new folder"
+    return (f"{target} exists and is not a {what} jaxcf wrote (it holds other files); give the name of a new "
+            "folder, or move that one away yourself")
+
+
+def read_regular(path: Path, max_bytes: int, exact: int | None = None, dir_fd: int | None = None) -> bytes:
     """The bytes of a regular file, refusing anything else before reading.
 
     The file is opened without blocking (a FIFO with no writer would block an ordinary open) and
@@ -145,12 +184,13 @@ def read_regular(path: Path, max_bytes: int, exact: int | None = None) -> bytes:
       path: the file.
       max_bytes: the largest size accepted.
       exact: when given, the size the file must have.
+      dir_fd: read ``path`` relative to this open directory (a folder replaced meanwhile cannot mix in).
 
     Raises:
       FileNotFoundError, PermissionError, OSError: as ``open`` raises them.
       UnsafeFileError: not a regular file, larger than ``max_bytes``, or not ``exact`` bytes long.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0), dir_fd=dir_fd)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

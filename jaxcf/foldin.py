@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcf import linalg
-from jaxcf.evaluate import bucket
+from jaxcf.errors import ModelError
+from jaxcf.metrics import bucket
 
 # Ratings of one solve call are padded to a power of two of at least this many: few compiled shapes.
 MIN_PAIRS = 64
@@ -119,9 +120,9 @@ def fit_prior(rows: np.ndarray, counts: np.ndarray, alpha: np.ndarray, scale: fl
 
 
 def _gram(features, weights, rows, num_rows):
-    """Per-row ``sum w f f'`` and the matching count: features float[P, d], weights float[P], rows int[P]."""
-    outer = weights[:, None, None] * features[:, :, None] * features[:, None, :]
-    return jax.ops.segment_sum(outer, rows, num_segments=num_rows)
+    """Per-row ``sum w f f'``: features float[P, d], weights float[P], rows int[P] (in chunks of pairs)."""
+    return linalg.chunked_segment_sum(lambda f, w: w[:, None, None] * f[:, :, None] * f[:, None, :],
+                                      (features, weights), rows, num_rows)
 
 
 def _solve_linear(features, offsets, ratings, valid, rows, num_rows, mean, precision, alpha):
@@ -260,6 +261,10 @@ def make_solver(weights: Mapping[str, np.ndarray], metadata: Mapping, counts: np
                 prior_scale: float | None = None):
     """The solver for a model: :class:`Solver` for explicit ratings, ``jaxcf.foldin_implicit.ImplicitSolver``
     for an implicit-feedback family."""
+    if prior_scale is not None and not (isinstance(prior_scale, (int, float, np.floating))
+                                        and not isinstance(prior_scale, bool) and math.isfinite(prior_scale)
+                                        and prior_scale > 0):
+        raise ModelError(f"prior_scale must be a finite number > 0; got {prior_scale!r}")
     if metadata["model"].get("feedback") == "implicit":
         from jaxcf.foldin_implicit import ImplicitSolver
 
@@ -268,7 +273,7 @@ def make_solver(weights: Mapping[str, np.ndarray], metadata: Mapping, counts: np
 
 
 def top_k_for_ratings(solver, params: Mapping, items: np.ndarray, ratings: np.ndarray, k: int,
-                      y_range) -> tuple[np.ndarray, np.ndarray]:
+                      y_range, candidates: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k items for one user solved from (items, ratings), the rated items excluded. For an
     implicit-feedback model only ratings at or above its interaction threshold count (as in training);
     with none, the answer is the average user's.
@@ -286,6 +291,8 @@ def top_k_for_ratings(solver, params: Mapping, items: np.ndarray, ratings: np.nd
     else:  # no interaction to solve from: the average user's row (ranks by mean predicted preference)
         params = {**params, "user_embedding": jnp.mean(jnp.asarray(params["user_embedding"]), axis=0, keepdims=True)}
     excluded = np.zeros((1, params["item_embedding"].shape[-2]), bool)
+    if candidates is not None:  # only trained items are answers
+        excluded[0] = ~np.asarray(candidates, bool)
     excluded[0, items] = True
     scores, top = top_k(params, np.zeros(1, np.int32), excluded, k, y_range)
     keep = np.isfinite(scores[0])

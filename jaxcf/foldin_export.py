@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,10 @@ import pandas as pd
 from jaxcf import export
 from jaxcf.data.ids import IdMap
 from jaxcf.errors import ModelError
+from jaxcf.export import implicit_threshold
 from jaxcf.fileio import UnsafeFileError, read_regular
 from jaxcf.foldin import make_solver, solve_users
+from jaxcf.heldout import checked_ratings
 
 # The largest ratings file fold-in reads.
 MAX_RATINGS_BYTES = 1 << 30
@@ -72,27 +75,20 @@ def fold_in(source, frame, *, user_col: str, item_col: str, rating_col: str,
     """
     if not isinstance(frame, pd.DataFrame):
         raise ModelError(f"fold_in takes a pandas DataFrame or a CSV path; got {type(frame).__name__}")
-    missing = [c for c in (user_col, item_col, rating_col) if c not in frame.columns]
-    if missing:
-        raise ModelError(f"the ratings lack column(s) {', '.join(missing)}; they have: "
-                         f"{', '.join(map(str, list(frame.columns)[:8])) or '(none)'}")
-    ratings = pd.to_numeric(frame[rating_col], errors="coerce").to_numpy(np.float64)
-    if len(ratings) == 0:
-        raise ModelError("the ratings are empty; give at least one (user, item, rating) row")
-    bad = ~np.isfinite(ratings)
-    if bad.any():
-        row = int(np.argmax(bad))
-        raise ModelError(f"rating in row {row + 1} is {frame[rating_col].iloc[row]!r}; ratings must be finite numbers")
-    for col in (user_col, item_col):
-        if frame[col].isna().any():
-            raise ModelError(f"missing {col} id in row {int(np.argmax(frame[col].isna().to_numpy())) + 1}")
+    ratings = checked_ratings(frame, (user_col, item_col, rating_col))
+    low, high = rating_scale(source)
+    outside = (ratings < low) | (ratings > high)
+    if outside.any():
+        row = int(np.argmax(outside))
+        raise ModelError(f"rating {ratings[row]:g} in row {row + 1} is outside this model's rating "
+                         f"scale [{low:g}, {high:g}] (its training ratings'); fold-in takes ratings on that scale")
     frame, ratings, below, left_out = _interactions(source, frame, ratings, user_col, item_col)
     users_before = IdMap(source.user_ids)
     try:
         user_map, user_index = users_before.extend(frame[user_col].tolist())
     except ValueError as err:
         raise ModelError(f"user ids: {err}") from None
-    item_index, item_known = IdMap(source.item_ids).lookup(frame[item_col].tolist())
+    item_index, item_known = trained_items(source, frame[item_col].tolist())
     unknown = frame[item_col][~item_known]
     solver = make_solver(source.weights, source.metadata,
                          np.bincount(source.seen_users, minlength=len(users_before)), prior_scale)
@@ -148,14 +144,29 @@ def fold_in(source, frame, *, user_col: str, item_col: str, rating_col: str,
     return result, report
 
 
-def implicit_threshold(metadata) -> float | None:
-    """The interaction threshold of an implicit-feedback export (None for a rating model)."""
-    if metadata["model"].get("feedback") != "implicit":
-        return None
-    value = (metadata.get("data") or {}).get("implicit_threshold")
-    if value is None:
-        value = ((metadata.get("config") or {}).get("data") or {}).get("implicit_threshold", 4.0)
-    return float(value)
+def rating_scale(source) -> tuple[float, float]:
+    """The ratings a model can take: the biased model's output range; else the declared
+    ``data.rating_range``; else the range of its training ratings (an implicit model's: any number)."""
+    model = source.metadata["model"]
+    if model.get("feedback") == "implicit":
+        return -math.inf, math.inf  # interactions are ratings at or above the threshold; the value is not used
+    if model.get("kind") == "bias":
+        low, high = model["y_range"]
+        return float(low), float(high)
+    declared = ((source.metadata.get("config") or {}).get("data") or {}).get("rating_range")
+    if declared:
+        return float(declared[0]), float(declared[1])
+    if source.seen_ratings is not None and len(source.seen_ratings):
+        return float(source.seen_ratings.min()), float(source.seen_ratings.max())
+    return -math.inf, math.inf
+
+
+def trained_items(source, raw: list) -> tuple[np.ndarray, np.ndarray]:
+    """(int32[n] indices, bool[n] known) of raw item ids; an item without training ratings is not known:
+    its row was never trained, so its ratings cannot inform a solve."""
+    index, known = IdMap(source.item_ids).lookup(raw)
+    counts = np.bincount(source.seen_items, minlength=len(source.item_ids))
+    return index, known & (counts[np.maximum(index, 0)] > 0) if len(index) else known
 
 
 def _interactions(source, frame, ratings, user_col: str, item_col: str):
@@ -165,7 +176,7 @@ def _interactions(source, frame, ratings, user_col: str, item_col: str):
     if threshold is None:
         return frame, ratings, 0, 0
     usable = ratings >= threshold
-    _, item_known = IdMap(source.item_ids).lookup(frame[item_col].tolist())
+    _, item_known = trained_items(source, frame[item_col].tolist())
     with_one = frame[user_col][usable & item_known].unique()
     keep = usable & frame[user_col].isin(with_one).to_numpy()
     if not keep.any():

@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcf import linalg
-from jaxcf.evaluate import bucket
+from jaxcf.metrics import bucket
 
 BPR_STEPS = 200
+BPR_CHUNK = 256  # pairs whose scores against the whole catalogue are formed at once
 MIN_PAIRS = 64
 
 
@@ -35,8 +36,8 @@ MIN_PAIRS = 64
 def _ials_rows(items_table, items, valid, rows, num_rows, alpha, regularization, exponent):
     gathered = items_table[items]
     gram_all = jnp.matmul(items_table.T, items_table, precision=linalg.HIGHEST)
-    outer = valid[:, None, None] * gathered[:, :, None] * gathered[:, None, :]
-    gram = jax.ops.segment_sum(outer, rows, num_segments=num_rows)
+    gram = linalg.chunked_segment_sum(lambda g, v: v[:, None, None] * g[:, :, None] * g[:, None, :], (gathered, valid),
+                               rows, num_rows)
     rhs = jax.ops.segment_sum(valid[:, None] * gathered, rows, num_segments=num_rows)
     counts = jax.ops.segment_sum(valid, rows, num_segments=num_rows)
     reg = regularization * (alpha * counts + items_table.shape[0]) ** exponent
@@ -54,13 +55,16 @@ def _bpr_rows(items_table, items, valid, rows, num_rows, l2):
     lipschitz = counts * max_norm + 2 * l2 * counts + 1e-6
 
     def gradient(u):
-        user = u[rows]  # [P, F]
-        s_pos = jnp.sum(user * vectors[items], axis=1) + bias[items]
-        s_all = jnp.matmul(user, vectors.T, precision=linalg.HIGHEST) + bias[None]  # [P, I]
-        weight = jax.nn.sigmoid(s_all - s_pos[:, None]) * valid[:, None]  # d/d(s_j - s_i) of -log sigmoid
-        per_pair = (jnp.matmul(weight, vectors, precision=linalg.HIGHEST) / vectors.shape[0]
-                    - jnp.mean(weight, axis=1)[:, None] * vectors[items])
-        return jax.ops.segment_sum(per_pair, rows, num_segments=num_rows) + 2 * l2 * counts[:, None] * u
+        def per_pair(user, item, real):  # [C, F] each pair's gradient, a chunk of pairs at a time
+            s_pos = jnp.sum(user * vectors[item], axis=1) + bias[item]
+            s_all = jnp.matmul(user, vectors.T, precision=linalg.HIGHEST) + bias[None]  # [C, I]
+            weight = jax.nn.sigmoid(s_all - s_pos[:, None]) * real[:, None]  # d/d(s_j - s_i) of -log sigmoid
+            return (jnp.matmul(weight, vectors, precision=linalg.HIGHEST) / vectors.shape[0]
+                    - jnp.mean(weight, axis=1)[:, None] * vectors[item])
+
+        # Chunks of pairs: a [C, I] block of scores at a time, not [P, I] (a user with 200k ratings).
+        total = linalg.chunked_segment_sum(per_pair, (u[rows], items, valid), rows, num_rows, chunk=BPR_CHUNK)
+        return total + 2 * l2 * counts[:, None] * u
 
     def step(_, u):
         return u - gradient(u) / lipschitz[:, None]

@@ -28,7 +28,6 @@ can deadlock XLA's CPU thread pool), the loop, SGD training (``jaxcf.sgd``, ``ja
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -36,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcf import evaluate, linalg, rng
+from jaxcf import linalg, metrics, rng
 from jaxcf.config import Config
 from jaxcf.data import Dataset
 from jaxcf.errors import DataError, TrainingDiverged
@@ -295,7 +294,7 @@ def family(config: Config, dataset: Dataset, layout=None) -> Family:
     ``ensemble.burn_in`` and ``ensemble.noise_precision`` (alpha) as documented in ``jaxcf.config``.
     """
     ratings = dataset.ratings
-    train, valid = dataset.split.train, dataset.split.valid
+    train = dataset.split.train
     size, chains, factors = config.ensemble.size, config.ensemble.chains, config.model.n_factors
     per_chain = size // chains
     kept = kept_sweeps(config.train.epochs, config.ensemble.burn_in, per_chain)
@@ -312,7 +311,8 @@ def family(config: Config, dataset: Dataset, layout=None) -> Family:
     chain_keys = jnp.stack([jax.random.fold_in(chain_key, c) for c in range(chains)])
     train_u, train_i = ratings.users[train], ratings.items[train]
     train_targets = ratings.ratings[train]
-    valid_targets = ratings.ratings[valid]
+    evaluation = metrics.Evaluation.of(dataset, None)
+    role = "valid" if evaluation.has("valid") else "test" if evaluation.has("test") else None
 
     def store(state, slot):
         return state._replace(kept_users=state.kept_users.at[slot].set(state.users),
@@ -349,7 +349,7 @@ def family(config: Config, dataset: Dataset, layout=None) -> Family:
         def train_fn(users, items):
             return layout.fetch(train_mse, users, items)
 
-    predict = validation_predictor(config, dataset, layout, scores)
+    predict = validation_predictor(config, evaluation, layout, scores)
 
     def init():
         root = rng.stream(config.seed, "init")
@@ -376,11 +376,14 @@ def family(config: Config, dataset: Dataset, layout=None) -> Family:
         result = {
             "epoch": number + 1,
             "train_loss": float(np.mean(losses)),
-            **evaluate.regression_metrics(ensemble, valid_targets),
-            "sample_valid_rmse": float(np.mean(np.sqrt(np.mean((current - valid_targets[None]) ** 2, axis=1)))),
+            **evaluation.metrics(ensemble),
             "members": int(filled.sum()) * chains,
         }
-        if not (np.all(np.isfinite(losses)) and math.isfinite(result["valid_rmse"])):
+        if role:  # each chain's current sample as a model of its own (from its rows)
+            part = evaluation.part(role)
+            targets = evaluation.targets[part]
+            result[f"sample_{role}_rmse"] = float(np.mean(np.sqrt(np.mean((current[:, part] - targets) ** 2, axis=1))))
+        if not (np.all(np.isfinite(losses)) and np.all(np.isfinite(ensemble))):
             raise TrainingDiverged(
                 f"the Gibbs sampler produced non-finite factors in sweep {number + 1}; check the ratings' scale "
                 "(they are centred on their mean, but must be finite and moderate) or lower ensemble.noise_precision"
@@ -394,16 +397,16 @@ def family(config: Config, dataset: Dataset, layout=None) -> Family:
         record=record,
         params=lambda state: as_members(state, mean),
         row_axes=row_axes,
-        final=lambda params: evaluate.final_metrics(dataset, None, params),
+        final=lambda params: metrics.final_metrics(dataset, None, params),
         model_info={"kind": "dot", "n_factors": factors + 1, "y_range": None, "num_users": num_users,
                     "num_items": num_items, "ensemble_size": size, "ensemble_method": "gibbs"},
     )
 
 
-def validation_predictor(config: Config, dataset: Dataset, layout, predict_fn: Callable) -> Callable:
-    """``parts -> float32[C + 1, n_valid]`` (see :func:`_member_scores`), on one device or the mesh."""
-    ratings, valid = dataset.ratings, dataset.split.valid
-    users, items = ratings.users[valid], ratings.items[valid]
+def validation_predictor(config: Config, evaluation: metrics.Evaluation, layout, predict_fn: Callable) -> Callable:
+    """``parts -> float32[C + 1, n]`` for the evaluated pairs (see :func:`_member_scores`), on one device or
+    the mesh."""
+    users, items = evaluation.users, evaluation.items
     if layout is None:
         jitted = jax.jit(predict_fn)
         return lambda parts: np.asarray(jitted(parts, jnp.asarray(users), jnp.asarray(items)))

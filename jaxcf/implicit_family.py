@@ -1,9 +1,12 @@
 """What the implicit-feedback families share: their records and closing metrics on the protocol.
 
 Every epoch's record of an implicit family holds the ranking metrics of the implicit protocol on the
-test interactions (``jaxcf.ranking.implicit_metrics``: recall, NDCG, MAP, hit rate and coverage at
-10, 20 and 50, MRR, ``protocol``, ``scored_users``, ``candidates``) beside its ``train_loss``; the
-closing record is the exported model's, scored from the exported tables.
+held-out interactions of the validation part (``jaxcf.ranking.implicit_metrics``: recall, NDCG, MAP,
+hit rate and coverage at 10, 20 and 50, MRR, ``protocol``, ``scored_users``, ``candidates``; keys
+unprefixed, ``ndcg@20``) and, when the data has a test part, the same on it prefixed ``test_``
+(``test_ndcg@20``), beside its ``train_loss``; the closing record is the exported model's, scored from
+the exported tables. A user without training interactions is ranked as ``recommend`` answers them (the
+cold start), never from an untrained row.
 
 What does not live here: the families (``jaxcf.ials``, ``jaxcf.bpr``, ``jaxcf.ease``).
 """
@@ -39,10 +42,13 @@ def metrics(dataset: Dataset, params, layout=None) -> dict:
             scores = layout.fetch(lambda p, u: score_block(p, u, None), params, np.asarray(users, np.int32))
             return scores[:, : ratings.num_items]  # the item table is padded to the mesh
 
-    return ranking.implicit_metrics(
-        score, ratings.num_items, ratings.users[split.train], ratings.items[split.train],
-        ratings.users[split.valid], ratings.items[split.valid],
-    )
+    out = {}
+    for rows, prefix in ((split.valid, ""), (split.test, "test_")):
+        if len(rows):
+            found = ranking.implicit_metrics(score, ratings.num_items, ratings.users[split.train],
+                                             ratings.items[split.train], ratings.users[rows], ratings.items[rows])
+            out.update({prefix + name: value for name, value in found.items()})
+    return out
 
 
 def implicit_record(dataset: Dataset, params, layout, number: int, train_loss: float) -> dict:

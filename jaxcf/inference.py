@@ -6,8 +6,11 @@
     model.similar_items(260, k=10)
 
 Raw ids are matched exactly (``jaxcf.data.ids``): an integer id, or its canonical text (``"10"``);
-``"1e1"``, ``"010"`` or ``10.5`` match nothing. Ids the model has never seen get the flagged fallback
-of ``jaxcf.fallback`` (or ``UnknownIdError`` with ``strict=True``). An ensemble's predictions and
+``"1e1"``, ``"010"`` or ``10.5`` match nothing. Ids the model was not trained on get the flagged
+fallback of ``jaxcf.fallback`` (or ``UnknownIdError`` with ``strict=True``): ids it has never seen,
+and ids it has a table row for but no training rating (they appeared only in the validation or test
+part), whose rows were never trained. Items without training ratings are never recommended and never
+similar. An ensemble's predictions and
 top-k use all its members (their mean); its similar items and bias rankings use 2-D summaries
 (``jaxcf.catalogue.member_summary``).
 
@@ -29,16 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcf import catalogue, evaluate, export, foldin, foldin_export
+from jaxcf import catalogue, export, foldin, foldin_export, heldout, metrics
 from jaxcf import fallback as policy
 from jaxcf.answers import Predictions, Ranking, as_list, check_k
 from jaxcf.data.ids import IdMap
 from jaxcf.errors import ModelError, UnknownIdError
 from jaxcf.export import Export
 
-# Pairs per device call in predict(); smaller requests are padded to the next power of two so that
-# a handful of compiled shapes serves every request size.
-PREDICT_CHUNK = 65536
 # Users per device call in recommend_many(): a [users, num_items] score block (ml-25m: 62k items,
 # 256 users = 64 MB of float32).
 USERS_PER_CALL = 256
@@ -49,7 +49,9 @@ class Model:
     """A trained model (loaded from an export, or fresh from ``jaxcf.fit``), with inference for raw ids.
 
     Attributes:
-      kind: ``"dot"`` or ``"bias"``.
+      kind: the model family: ``"bias"`` or ``"dot"`` (rating models), ``"ials"``, ``"bpr"``, ``"ease"`` or
+        ``"blend"`` (implicit feedback).
+      feedback: ``"explicit"`` (predictions are ratings) or ``"implicit"`` (scores that order items).
       y_range: (low, high) of the biased model's scaled sigmoid; None for the dot model.
       metadata: ``metadata.json``.
       history: the training records (``metadata["metrics"]``; the last is the exported model's).
@@ -66,8 +68,10 @@ class Model:
         self.metadata = source.metadata
         self.path = source.path
         model_info = source.metadata["model"]
-        self.kind: str = model_info["kind"]
-        self.y_range = tuple(float(v) for v in model_info["y_range"]) if self.kind == "bias" else None
+        # Implicit-feedback exports score as dot models ("kind": "dot") and name their family beside it.
+        self.kind: str = model_info.get("family") or model_info["kind"]
+        self.feedback: str = model_info.get("feedback") or "explicit"
+        self.y_range = tuple(float(v) for v in model_info["y_range"]) if model_info["kind"] == "bias" else None
         self.ensemble_size: int | None = model_info.get("ensemble_size")
         self.user_ids = IdMap(source.user_ids)
         self.item_ids = IdMap(source.item_ids)
@@ -81,6 +85,7 @@ class Model:
         self.seen_items = source.seen_items
         self.user_counts = np.bincount(self.seen_users, minlength=self.num_users)
         self.item_counts = np.bincount(self.seen_items, minlength=self.num_items)
+        self.user_trained, self.item_trained = self.user_counts > 0, self.item_counts > 0
         self._seen = catalogue.SeenItems(self.seen_users, self.seen_items, self.num_users, self.num_items)
         self.titles: list = [None] * self.num_items
         if source.titles:
@@ -88,7 +93,9 @@ class Model:
             for position, is_known, (_, title) in zip(positions.tolist(), known.tolist(), source.titles):
                 if is_known:
                     self.titles[position] = str(title)
-        self._params = {name: jnp.asarray(table) for name, table in weights.items()}
+        self._answers = metrics.Answers(weights, self.y_range, self.seen_users, self.seen_items, self.num_users,
+                                        self.num_items)
+        self._params = self._answers.params
 
     # ------------------------------------------------------------------------------ basics
 
@@ -131,12 +138,10 @@ class Model:
         index, known = self.item_ids.lookup([item_id])
         return self.titles[int(index[0])] if known[0] else None
 
-    @functools.cached_property
+    @property
     def fallback_tables(self) -> policy.Tables:
         """The fallback policy's mean predictions (``jaxcf.fallback``), computed on first use."""
-        predictions = self._score_known(self.seen_users, self.seen_items)
-        return policy.tables(predictions, self.seen_users, self.seen_items, self.num_users, self.num_items,
-                               self.y_range)
+        return self._answers.tables
 
     def fallback_rule(self, user_known: bool, item_known: bool) -> str:
         """The fallback used for a pair, in words (empty when both ids are known)."""
@@ -144,34 +149,38 @@ class Model:
 
     # ------------------------------------------------------------------------------ predict
 
-    def _score_known(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """float32[n] model predictions for index pairs, in chunks on the device."""
-        return evaluate.predict_pairs(self._params, users, items, self.y_range, chunk=PREDICT_CHUNK, round_up=True)
-
     def lookup_users(self, user_ids: Any, strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Raw user ids -> (int32[n] indices, -1 where unknown; bool[n] known).
+        """Raw user ids -> (int32[n] indices, -1 where not in the id map; bool[n] known: in the map and
+        trained, i.e. with at least one training rating).
 
         Raises:
           UnknownIdError: with ``strict`` when any id is unknown.
         """
-        return self._lookup(self.user_ids, as_list(user_ids), "user", strict)
+        return self._lookup(self.user_ids, self.user_trained, as_list(user_ids), "user", strict)
 
     def lookup_items(self, item_ids: Any, strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Raw item ids -> (int32[n] indices, -1 where unknown; bool[n] known).
+        """Raw item ids -> (int32[n] indices, -1 where not in the id map; bool[n] known: in the map and
+        trained).
 
         Raises:
           UnknownIdError: with ``strict`` when any id is unknown.
         """
-        return self._lookup(self.item_ids, as_list(item_ids), "item", strict)
+        return self._lookup(self.item_ids, self.item_trained, as_list(item_ids), "item", strict)
 
-    def _lookup(self, id_map: IdMap, raw: list, what: str, strict: bool, hint: str = ""):
-        indices, known = id_map.lookup(raw)
+    def _lookup(self, id_map: IdMap, trained: np.ndarray, raw: list, what: str, strict: bool, hint: str = ""):
+        indices, in_map = id_map.lookup(raw)
+        known = in_map & trained[np.maximum(indices, 0)] if len(indices) else in_map
         if strict and not known.all():
-            first = raw[int(np.argmax(~known))]
+            bad = int(np.argmax(~known))
+            first = raw[bad]
             shown = first if isinstance(first, str) else repr(first)
             more = int((~known).sum()) - 1
             also = f" (and {more} more)" if more else ""
             hint = hint or "use a known id; without strict mode, unknown ids get the documented fallback"
+            if in_map[bad]:
+                raise UnknownIdError(
+                    f"{what} id {shown}{also} has no training rating in this model (it appeared only in the "
+                    f"validation or test data, so its row was never trained); {hint}")
             raise UnknownIdError(
                 f"unknown {what} id {shown}{also}: not among the {len(id_map)} {what}s the model was trained on; {hint}"
             )
@@ -208,23 +217,27 @@ class Model:
         if fallback == "known_terms" and self.kind == "bias":
             ratings = policy.known_terms(self.user_bias, self.item_bias, self.y_range, users, items, user_known,
                                          item_known)
+            if both.any():
+                ratings[both] = self._answers.score_known(users[both], items[both])
         else:
-            ratings = policy.scores(self.fallback_tables, users, items, user_known, item_known)
-        if both.any():
-            ratings[both] = self._score_known(users[both], items[both])
+            ratings, _, _ = self._answers(np.where(user_known, users, -1), np.where(item_known, items, -1))
         return Predictions(ratings, ~both, user_known, item_known)
 
     # ------------------------------------------------------------------------------ recommend
 
     def scores(self, user_ids: Any) -> np.ndarray:
         """float32[n, num_items]: every item's score for known users (column j is ``item_ids.raw[j]``),
-        as :meth:`recommend` ranks them (seen items included); ensembles give their members' mean.
+        as :meth:`predict` answers each pair (seen items included); ensembles give their members' mean. An
+        item without training ratings gets the user's fallback (their mean prediction), as from predict.
 
         Raises:
           UnknownIdError: for an unknown user (they have no scores; :meth:`recommend` has a cold start).
         """
         users, _ = self.lookup_users(user_ids, strict=True)
-        return catalogue.score_rows(self._params, users, self.y_range)
+        out = catalogue.score_rows(self._params, users, self.y_range)
+        if not self.item_trained.all():
+            out[:, ~self.item_trained] = self.fallback_tables.per_user[users][:, None]
+        return out
 
     def _ranking(self, indices: np.ndarray, scores: np.ndarray, is_fallback: bool = False) -> Ranking:
         indices = np.asarray(indices, np.int64)
@@ -235,10 +248,10 @@ class Model:
 
     def cold_start(self, k: int = 10) -> Ranking:
         """The answer for an unknown user, flagged ``fallback``: the bias model's items by learned
-        item bias, the dot model's by number of training ratings, each scored with its unknown-user
-        fallback (the mean prediction over the item's training ratings)."""
-        k = min(check_k(k), self.num_items)
-        key = self.item_bias if self.kind == "bias" else self.item_counts
+        item bias, the others' by number of training ratings, each scored with its unknown-user
+        fallback (the mean prediction over the item's training ratings); only trained items."""
+        k = min(check_k(k), int(self.item_trained.sum()))
+        key = policy.cold_start_key(self.item_bias if self.kind == "bias" else None, self.item_counts)
         order = np.argsort(-key, kind="stable")[:k]
         return self._ranking(order, self.fallback_tables.per_item[order], is_fallback=True)
 
@@ -275,6 +288,7 @@ class Model:
             block_users = users[block]
             excluded = (self._seen.mask(block_users, self.num_items) if exclude_seen
                         else np.zeros((len(block), self.num_items), bool))
+            excluded |= ~self.item_trained[None, :]  # an untrained item's row is no answer
             scores, items = catalogue.top_k(self._params, block_users, excluded, top, self.y_range)
             for position, row_scores, row_items in zip(block.tolist(), scores, items):
                 keep = np.isfinite(row_scores)
@@ -287,9 +301,27 @@ class Model:
 
     # ------------------------------------------------------------------------------ fold-in
 
-    def _columns(self) -> tuple[str, str, str]:
+    def columns(self) -> tuple[str, str, str]:
+        """The (user, item, rating) column names of the model's training data (its config's)."""
         data = (self.metadata.get("config") or {}).get("data") or {}
         return data.get("user_col", "userId"), data.get("item_col", "movieId"), data.get("rating_col", "rating")
+
+    def evaluate(self, ratings: Any, *, user_col: str | None = None, item_col: str | None = None,
+                 rating_col: str | None = None) -> dict:
+        """The metrics a run records, on held-out ratings (``jaxcf.heldout``): for a rating model ``rmse``,
+        ``mae``, ``rmse_known``, ``rows``, ``rows_known`` (every row answered as :meth:`predict` answers it)
+        and the ranking metrics; for an implicit-feedback model the ranking metrics of its protocol.
+
+        Args:
+          ratings: a DataFrame or a CSV path with (user, item, rating) rows; the columns default to the
+            training config's ``data.user_col`` / ``item_col`` / ``rating_col``.
+
+        Raises:
+          ModelError: unreadable ratings, missing columns or ids, ratings that are not finite numbers.
+        """
+        default = self.columns()
+        cols = (user_col or default[0], item_col or default[1], rating_col or default[2])
+        return heldout.evaluate(self, foldin_export.ratings_frame(ratings, cols), cols)
 
     def fold_in(self, ratings: Any, *, user_col: str | None = None, item_col: str | None = None,
                 rating_col: str | None = None, prior_scale: float | None = None) -> Model:
@@ -307,7 +339,7 @@ class Model:
         Raises:
           ModelError: unreadable ratings, missing columns or ids, non-finite ratings.
         """
-        default = self._columns()
+        default = self.columns()
         cols = (user_col or default[0], item_col or default[1], rating_col or default[2])
         frame = foldin_export.ratings_frame(ratings, cols)
         result, report = foldin_export.fold_in(self.export, frame, user_col=cols[0], item_col=cols[1],
@@ -337,9 +369,15 @@ class Model:
             raise ValueError(f"{len(items_raw)} items but {len(values)} ratings; give one rating per item")
         if not np.all(np.isfinite(values)):
             raise ValueError("ratings must be finite numbers")
-        items, known = self.item_ids.lookup(items_raw)
+        low, high = foldin_export.rating_scale(self.export)
+        outside = (values < low) | (values > high)
+        if outside.any():
+            raise ValueError(f"rating {values[int(np.argmax(outside))]:g} is outside this model's rating scale "
+                             f"[{low:g}, {high:g}]; give ratings on that scale")
+        items, known = self.lookup_items(items_raw)  # an untrained item's row cannot inform the solve
         top, scores = foldin.top_k_for_ratings(self._solver(prior_scale), self._params, items[known],
-                                               values[known], min(k, self.num_items), self.y_range)
+                                               values[known], min(k, self.num_items), self.y_range,
+                                               candidates=self.item_trained)
         return self._ranking(top, scores), [raw for raw, ok in zip(items_raw, known) if not ok]
 
     # ------------------------------------------------------------------------------ items
@@ -354,8 +392,9 @@ class Model:
         Args:
           item_id: one raw item id (it is never in its own answer).
           k: how many items.
-          min_ratings: leave out items with fewer training ratings; an item nobody rated in
-            training still has its random initial embedding, so its cosine means nothing.
+          min_ratings: leave out items with fewer training ratings. An item nobody rated in training
+            still has its random initial embedding, so its cosine means nothing: it is always left out
+            (``min_ratings`` 0 is 1).
 
         Returns:
           A :class:`Ranking` with float32[k] cosine similarities, highest first.
@@ -367,13 +406,12 @@ class Model:
         k = check_k(k)
         if not (isinstance(item_id, (str, bytes)) or np.ndim(item_id) == 0):
             raise ValueError(f"similar_items takes one item id; got {len(item_id)}: call it once per item")
-        index, _ = self._lookup(
-            self.item_ids, as_list(item_id), "item", True, "similar items need an item the model was trained on"
-        )
+        index, _ = self._lookup(self.item_ids, self.item_trained, as_list(item_id), "item", True,
+                                "similar items need an item the model was trained on")
         query = int(index[0])
-        excluded = self.item_counts < min_ratings
+        excluded = self.item_counts < max(1, min_ratings)
         excluded[query] = True
-        wanted = min(evaluate.bucket(max(catalogue.MIN_K, k)), self.num_items)  # few compiled shapes
+        wanted = min(metrics.bucket(max(catalogue.MIN_K, k)), self.num_items)  # few compiled shapes
         scores, items = catalogue.top_k_cosine(self._unit_items, query, jnp.asarray(excluded), wanted)
         scores, items = np.asarray(scores)[:k], np.asarray(items)[:k]
         keep = np.isfinite(scores)
@@ -386,7 +424,8 @@ class Model:
           side: ``"item"`` or ``"user"``.
           k: how many.
           lowest: the lowest biases first instead of the highest.
-          min_ratings: only rows with at least this many training ratings (few ratings, noisy bias).
+          min_ratings: only rows with at least this many training ratings (few ratings, noisy bias; an
+            untrained row's bias is its initial value, so 0 means 1).
 
         Returns:
           A :class:`Ranking` of raw ids with float32[k] biases (logit units); titles for items.
@@ -401,7 +440,7 @@ class Model:
         if side not in ("item", "user"):
             raise ValueError(f"side must be 'item' or 'user'; got {side!r}")
         bias, counts = (self.item_bias, self.item_counts) if side == "item" else (self.user_bias, self.user_counts)
-        candidates = np.flatnonzero(counts >= min_ratings)
+        candidates = np.flatnonzero(counts >= max(1, min_ratings))
         order = candidates[np.argsort(bias[candidates] if lowest else -bias[candidates], kind="stable")][:k]
         if side == "item":
             return self._ranking(order, bias[order])

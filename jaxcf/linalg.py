@@ -208,3 +208,25 @@ def inverse_root(precision: jax.Array) -> jax.Array:
     # Column i of inv(L).T solves L.T m = e_i; vmap the vector solve over the columns.
     columns = jax.vmap(solve_lower_transpose, in_axes=(None, -1), out_axes=-1)(factor, eye)
     return columns
+
+
+# Pairs whose per-pair terms are formed at once by chunked_segment_sum: memory GRAM_CHUNK * d * d floats
+# for outer products, whatever a row's count.
+GRAM_CHUNK = 4096
+
+
+def chunked_segment_sum(fn, arrays, rows, num_rows, chunk: int = GRAM_CHUNK):
+    """``segment_sum(fn(*arrays), rows)`` computed ``chunk`` pairs at a time (``lax.scan``), so that memory
+    stays bounded for a user with any number of ratings. The pair count (a power of two, ``bucket``) must
+    be a multiple of ``min(chunk, pairs)``."""
+    pairs = rows.shape[0]
+    size = min(chunk, pairs)
+    shape = jax.eval_shape(fn, *(a[:size] for a in arrays))
+
+    def add(total, part):
+        *values, part_rows = part
+        return total + jax.ops.segment_sum(fn(*values), part_rows, num_segments=num_rows), None
+
+    parts = (*(a.reshape(pairs // size, size, *a.shape[1:]) for a in arrays), rows.reshape(pairs // size, size))
+    total, _ = jax.lax.scan(add, jnp.zeros((num_rows, *shape.shape[1:]), shape.dtype), parts)
+    return total

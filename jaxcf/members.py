@@ -14,9 +14,11 @@ An ensemble (``ensemble.size: K``, method ``seeds``) is K members with seeds ``s
 its prediction is the mean of the members'. A sweep (``jaxcf.sweep``) is members from a grid, and
 may let some of them diverge (``allow_diverged``): their metrics are NaN from then on.
 
-The record of an epoch: the ensemble's ``valid_rmse``/``valid_mse``/``valid_mae`` (the mean of the
-healthy members' predictions), ``members`` (how many are healthy) and per member ``member_valid_rmse``,
-``member_valid_mae`` and ``member_train_mse`` (lists of K floats; NaN for a diverged member).
+The record of an epoch: the ensemble's metrics (``jaxcf.metrics.Evaluation`` of the mean of the healthy
+members' predictions: ``valid_rmse`` and its siblings, ``test_*``), ``members`` (how many are
+healthy) and per member ``member_valid_rmse``, ``member_valid_mae`` (each member answered as a model
+of its own answers, fallbacks included; ``member_test_*`` when there is no validation part) and
+``member_train_mse`` (lists of K floats; NaN for a diverged member).
 
 What does not live here: the step and the epoch (``jaxcf.steps``), grids and the sweep CLI
 (``jaxcf.sweep``), the loop (``jaxcf.trainer``).
@@ -35,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxcf import distributed, evaluate, models, optim, rng, sgd, steps
+from jaxcf import distributed, metrics, models, optim, rng, sgd, steps
 from jaxcf.config import Config, to_dict
 from jaxcf.errors import ConfigError, TrainingDiverged
 from jaxcf.family import Family
@@ -121,7 +123,9 @@ def family(
         raise ConfigError("members of one program may differ only in seed and " + ", ".join(VMAPPED))
     config = setup.config
     ratings = setup.dataset.ratings
-    train, valid = setup.train_rows, setup.valid_rows
+    train = setup.train_rows
+    evaluation = metrics.Evaluation.of(setup.dataset, setup.y_range)
+    role = "valid" if evaluation.has("valid") else "test" if evaluation.has("test") else None
     tx = make_optimizer(config, setup.steps_per_epoch)
     l2 = jnp.asarray([m.config.optim.row_l2 for m in members], jnp.float32)
     users, items, targets = ratings.users[train], ratings.items[train], ratings.ratings[train]
@@ -134,10 +138,10 @@ def family(
                                             row_axes=distributed.member_row_axes)
     y_range = setup.y_range
     predict = sgd.validation_predictor(
-        setup, layout, lambda p, u, i: models.score_pairs(p, u, i, y_range, per_member=True)
+        setup, layout, lambda p, u, i: models.score_pairs(p, u, i, y_range, per_member=True),
+        evaluation.users, evaluation.items,
     )
     check_finite = jax.jit(sgd.finite_tables) if layout is None else (lambda p: layout.fetch(sgd.finite_tables, p))
-    valid_targets = ratings.ratings[valid].astype(np.float64)
     order_keys = [rng.stream(m.config.seed, "order") for m in members]
     seeds = [m.config.seed for m in members]
     too_far = sgd.absurd_rmse(ratings.ratings[train])
@@ -153,30 +157,32 @@ def family(
         diverged |= ~np.all(np.isfinite(losses), axis=1) | ~np.asarray(check_finite(state.params), bool)
         predictions = predict(state.params).astype(np.float64)
         predictions[diverged] = np.nan
-        errors = predictions - valid_targets[None]
-        member_rmse = np.sqrt(np.mean(errors**2, axis=1))
-        diverged |= ~(member_rmse <= too_far)  # NaN or far outside the ratings' scale
+        member = [evaluation.metrics(p) if not d and role else {} for p, d in zip(predictions, diverged)]
+        if role:  # NaN or far outside the ratings' scale, from the members' own predictions
+            rows_rmse = np.asarray([m.get(f"{role}_rmse_rows", np.nan) for m in member])
+            diverged |= ~(rows_rmse <= too_far)
         if diverged.any() and not allow_diverged:
             bad = ", ".join(str(s) for s, d in zip(seeds, diverged) if d)
             raise TrainingDiverged(
                 f"training diverged in epoch {number + 1} for the member(s) with seed {bad}; "
-                f"{sgd.divergence_hint(ratings.ratings[train])}"
+                f"{sgd.divergence_hint(ratings.ratings[train], setup.y_range)}"
             )
         healthy = ~diverged
         if not healthy.any():
             raise TrainingDiverged(f"training diverged in epoch {number + 1} for every member; "
-                                   f"{sgd.divergence_hint(ratings.ratings[train])}")
-        predictions[diverged] = np.nan
+                                   f"{sgd.divergence_hint(ratings.ratings[train], setup.y_range)}")
         mean_prediction = predictions[healthy].mean(axis=0)
         record = {
             "epoch": number + 1,
             "train_loss": float(np.mean(losses[healthy])),
-            **evaluate.regression_metrics(mean_prediction, valid_targets),
+            **evaluation.metrics(mean_prediction),
             "members": int(healthy.sum()),
-            "member_valid_rmse": np.where(diverged, np.nan, member_rmse).tolist(),
-            "member_valid_mae": np.where(diverged, np.nan, np.mean(np.abs(errors), axis=1)).tolist(),
             "member_train_mse": np.where(diverged, np.nan, np.mean(losses, axis=1)).tolist(),
         }
+        if role:
+            for name in ("rmse", "mae"):
+                record[f"member_{role}_{name}"] = [np.nan if d else m[f"{role}_{name}"]
+                                                   for m, d in zip(member, diverged)]
         return record, {"diverged": diverged.tolist()}
 
     return Family(
@@ -186,7 +192,7 @@ def family(
         record=record,
         params=lambda state: state.params,
         row_axes=distributed.member_row_axes,
-        final=lambda params: evaluate.final_metrics(setup.dataset, y_range, params),
+        final=lambda params: metrics.final_metrics(setup.dataset, y_range, params),
         model_info=sgd.model_info(setup, len(members), method),
     )
 

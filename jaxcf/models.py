@@ -19,7 +19,7 @@ tables are stacked along a leading member axis (``float32[K, rows, d]``): the en
 is the mean of its members' (for biased members, the mean of their scaled sigmoids). Every
 prediction jaxcf makes, in training, evaluation and inference, goes through these.
 
-What does not live here: losses and training steps (``jaxcf.steps``), metrics (``jaxcf.evaluate``).
+What does not live here: losses and training steps (``jaxcf.steps``), metrics (``jaxcf.metrics``).
 """
 
 from __future__ import annotations

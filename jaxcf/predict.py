@@ -1,4 +1,5 @@
-"""``python -m jaxcf.predict``: the predicted rating of one user for one item, from an exported model.
+"""``python -m jaxcf.predict``: the predicted rating (or an implicit-feedback model's score) of one user for
+one item, from an exported model.
 
     python -m jaxcf.predict --model runs/bias --user 1 --item 31 [--strict] [--fallback mean|known_terms]
 
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from jaxcf import cli
-from jaxcf.inference import FALLBACKS, load_model
+from jaxcf.inference import FALLBACKS
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -35,12 +36,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
-        model = load_model(args.model)
+        model = cli.load_model(args.model)
         result = model.predict([args.user], [args.item], strict=args.strict, fallback=args.fallback)
         rating = float(result.ratings[0])
         title = model.title(args.item)
         item = f"item {args.item}" + (f" ({title})" if title else "")
-        line = f"user {args.user}, {item}: predicted rating {rating:.4f}"
+        # An implicit-feedback model's score orders items; it is not a rating.
+        what = "score" if model.feedback == "implicit" else "predicted rating"
+        line = f"user {args.user}, {item}: {what} {rating:.4f}"
         if result.fallback[0]:
             user_known, item_known = bool(result.user_known[0]), bool(result.item_known[0])
             unknown = " and ".join(what for what, known in (("user", user_known), ("item", item_known)) if not known)

@@ -6,9 +6,10 @@ The protocol (the one ``docs/results.md`` reports):
   ``threshold`` (4 stars by default).
 - **Evaluated users** are the users with at least one relevant held-out item; the metrics are the
   mean over them.
-- **Candidates**: every item of the model that the user did not rate in *training*. The user's
-  held-out items (relevant or not) are candidates like any item nobody showed them; so a model gains
-  nothing from knowing which items were held out.
+- **Candidates**: every item the model was trained on (with a training rating) that the user did not
+  rate in *training*: what ``Model.recommend`` may return. The user's held-out items (relevant or not)
+  are candidates like any item nobody showed them; so a model gains nothing from knowing which items
+  were held out. A user without training ratings gets the cold-start answer, as from ``recommend``.
 - **Ranking** is by predicted rating, highest first (``lax.top_k``; ties go to the lower item index).
 - ``precision@k = hits / k``; ``recall@k = hits / |relevant|``; ``NDCG@k = DCG / IDCG`` with binary
   gains, ``DCG = sum over hits at rank r (1-based) of 1 / log2(r + 1)``, and IDCG the DCG of
@@ -19,7 +20,7 @@ model that ranks at random has precision@10 of about |relevant| / 9,000); they c
 one split, not across datasets.
 
 What does not live here: the scoring rule (``jaxcf.models.score_block``), RMSE/MAE
-(``jaxcf.evaluate``), top-k for raw ids (``jaxcf.inference``).
+(``jaxcf.metrics``), top-k for raw ids (``jaxcf.inference``).
 """
 
 from __future__ import annotations
@@ -41,12 +42,15 @@ USERS_PER_BLOCK = 256
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
-def _top_hits(scores, seen_rows, seen_items, relevant_rows, relevant_items, k):
-    """bool[B, k]: whether each of the top-k unseen items of each row is relevant."""
+def _top_hits(scores, seen_rows, seen_items, relevant_rows, relevant_items, excluded, cold, use_cold, k):
+    """bool[B, k]: whether each of the top-k unseen candidate items of each row is relevant; rows with
+    ``use_cold`` are ranked by ``cold`` (the cold-start answer) instead of their scores."""
+    scores = jnp.where(use_cold[:, None], cold[None, :], scores)
+    scores = jnp.where(excluded[None, :], -jnp.inf, scores)
     scores = scores.at[seen_rows, seen_items].set(-jnp.inf, mode="drop")
-    _, top = jax.lax.top_k(scores, k)
+    best, top = jax.lax.top_k(scores, k)
     relevant = jnp.zeros(scores.shape, bool).at[relevant_rows, relevant_items].set(True, mode="drop")
-    return jnp.take_along_axis(relevant, top, axis=1)
+    return jnp.take_along_axis(relevant, top, axis=1) & (best > -jnp.inf)  # fewer candidates than k: no hit
 
 
 def _pairs_of(block: np.ndarray, by_user: dict[int, np.ndarray], pad_row: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,6 +82,9 @@ def ranking_metrics(
     ks: Sequence[int] = DEFAULT_KS,
     threshold: float = DEFAULT_THRESHOLD,
     users_per_block: int = USERS_PER_BLOCK,
+    candidates: np.ndarray | None = None,
+    trained_users: np.ndarray | None = None,
+    cold_scores: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Precision@k, recall@k and NDCG@k under the module's protocol.
 
@@ -90,6 +97,9 @@ def ranking_metrics(
       ks: cut-offs (each <= num_items).
       threshold: a held-out rating of at least this is relevant.
       users_per_block: users scored per call.
+      candidates: bool[num_items] the items that may be recommended (default: all).
+      trained_users: bool[num_users] users with training ratings; the others are ranked by
+        ``cold_scores`` (float[num_items], higher first). Default: every user by its scores.
 
     Returns:
       ``{"precision@k": ..., "recall@k": ..., "ndcg@k": ... for each k, "ranking_users": number of
@@ -110,14 +120,19 @@ def ranking_metrics(
         return result
     discounts = 1.0 / np.log2(np.arange(2, kmax + 2))
     sums = {f"{name}@{k}": 0.0 for k in ks for name in ("precision", "recall", "ndcg")}
+    excluded = np.zeros(num_items, bool) if candidates is None else ~np.asarray(candidates, bool)
+    cold = np.zeros(num_items, np.float32) if cold_scores is None else np.asarray(cold_scores, np.float32)
     for start in range(0, len(users), users_per_block):
         block = users[start : start + users_per_block]
         size = len(block)
         padded = np.pad(block, (0, users_per_block - size))
+        use_cold = (np.zeros(len(padded), bool) if trained_users is None
+                    else ~np.asarray(trained_users, bool)[padded])
         seen_rows, seen_cols = _pairs_of(block, seen, users_per_block)
         relevant_rows, relevant_cols = _pairs_of(block, relevant, users_per_block)
         scores = score_fn(padded)
-        hits = np.asarray(_top_hits(scores, seen_rows, seen_cols, relevant_rows, relevant_cols, kmax))[:size]
+        hits = np.asarray(_top_hits(scores, seen_rows, seen_cols, relevant_rows, relevant_cols, excluded, cold,
+                                    use_cold, kmax))[:size]
         counts = np.asarray([len(relevant[int(u)]) for u in block], np.float64)
         for k in ks:
             found = hits[:, :k].sum(axis=1)
@@ -138,18 +153,20 @@ def model_ranking_metrics(
     valid: tuple[np.ndarray, np.ndarray, np.ndarray],
     ks: Sequence[int] = DEFAULT_KS,
     threshold: float = DEFAULT_THRESHOLD,
+    **who: np.ndarray | None,
 ) -> dict[str, float]:
     """:func:`ranking_metrics` for a model's (or a stacked ensemble's) tables.
 
     Args:
       params: tables as in ``jaxcf.models.score_block``.
       train: (users, items) int32 training pairs; valid: (users, items, ratings) held-out ratings.
+      who: ``candidates``, ``trained_users`` and ``cold_scores`` as for :func:`ranking_metrics`.
     """
     device_params = {name: jnp.asarray(table, jnp.float32) for name, table in params.items()}
     y = tuple(float(v) for v in y_range) if y_range is not None else None
     return ranking_metrics(
         lambda users: score_block(device_params, jnp.asarray(users, jnp.int32), y), num_items,
-        *train, *valid, ks=ks, threshold=threshold,
+        *train, *valid, ks=ks, threshold=threshold, **who,
     )
 
 
@@ -183,6 +200,7 @@ def implicit_metrics(
     ks: Sequence[int] = IMPLICIT_KS,
     users_per_block: int = USERS_PER_BLOCK,
     known: np.ndarray | None = None,
+    cold_start: bool = True,
 ) -> dict:
     """The implicit-feedback protocol's ranking metrics (``docs/results.md``; Rendle et al.'s definitions).
 
@@ -199,6 +217,9 @@ def implicit_metrics(
       train_users, train_items, test_users, test_items: int index pairs.
       known: bool[num_items], the candidate items when they are not the training pairs' items (the
         strong-generalisation protocol, whose held-out users' histories are not the model's training).
+      cold_start: rank a user without training interactions as ``Model.recommend`` answers an unknown
+        user, by the items' numbers of training interactions (ties to the lower index), not by the
+        user's untrained row. Off for the strong-generalisation protocol, whose users are folded in.
 
     Returns:
       ``{"recall@20": ..., ..., "mrr": ..., "protocol": "implicit-holdout", "scored_users": n,
@@ -210,6 +231,7 @@ def implicit_metrics(
         known[train_items] = True
     kmax = min(ks[-1], int(known.sum()))
     seen = _group(np.asarray(train_users), np.asarray(train_items))
+    popularity = np.bincount(np.asarray(train_items, np.int64), minlength=num_items).astype(np.float32)
     candidates_test = known[test_items]
     relevant = _group(np.asarray(test_users)[candidates_test], np.asarray(test_items)[candidates_test])
     scored = (u for u, items in relevant.items() if len(np.setdiff1d(items, seen.get(u, []))))
@@ -231,7 +253,12 @@ def implicit_metrics(
             excluded[row, seen.get(user, [])] = True
             relevant_mask[row, relevant[user]] = True
         relevant_mask &= ~excluded
-        hits, top, rank = _implicit_block(score_fn(padded), excluded, relevant_mask, kmax)
+        scores = score_fn(padded)
+        if cold_start:
+            untrained = np.asarray([len(seen.get(int(u), ())) == 0 for u in padded])
+            if untrained[:size].any():
+                scores = jnp.where(jnp.asarray(untrained)[:, None], jnp.asarray(popularity)[None], scores)
+        hits, top, rank = _implicit_block(scores, excluded, relevant_mask, kmax)
         hits, top, rank = np.asarray(hits)[:size], np.asarray(top)[:size], np.asarray(rank)[:size]
         counts = relevant_mask[:size].sum(axis=1).astype(np.float64)
         sums["mrr"] += float(np.sum(1.0 / rank))

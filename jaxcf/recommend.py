@@ -4,9 +4,11 @@
     python -m jaxcf.recommend --model runs/bias --ratings history.csv --user 1001 [--save runs/folded]
 
 An unknown user gets the flagged cold-start answer (``jaxcf.fallback``), or an error with ``--strict``.
-With ``--ratings``, the users of that CSV (new ones, or known ones with new ratings) are first folded
-into the model (``Model.fold_in``: their factors solved from the ratings, the items frozen), so a new
-user gets personal recommendations without retraining; ``--save`` keeps the folded model.
+With ``--ratings``, the user's ratings in that CSV are first folded into the model (``Model.fold_in``:
+their factors solved from the ratings, the items frozen), so a new user gets personal recommendations
+without retraining; ``--save`` keeps the folded model (in a new folder, or replacing an export). The
+file has the model's item and rating columns (its training config's, e.g. ``movieId,rating``); a user
+column is optional, and when present every row must name ``--user``.
 
 What does not live here: the inference itself (``jaxcf.inference``).
 """
@@ -18,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from jaxcf import cli
-from jaxcf.inference import load_model
+from jaxcf.errors import ModelError
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -28,10 +30,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=10, help="how many items (default 10)")
     parser.add_argument("--include-seen", action="store_true", help="also rank items the user rated in training")
     parser.add_argument("--strict", action="store_true", help="fail for an unknown user instead of the cold start")
-    parser.add_argument("--ratings", help="a CSV of (user, item, rating) rows to fold in first (the training "
-                        "config's column names)")
+    parser.add_argument("--ratings", help="a CSV of the user's (item, rating) rows to fold in first, with the "
+                        "training config's column names (e.g. movieId,rating); a user column is optional")
     parser.add_argument("--save", help="with --ratings: write the folded model here (an export folder)")
     return parser.parse_args(argv)
+
+
+def user_ratings(model, path: str, user: str):
+    """The ratings of ``--user`` from ``path``: the model's item and rating columns, and its user column
+    filled with ``user`` where the file has none.
+
+    Raises:
+      ModelError: an unreadable file, or a user column that names someone else.
+    """
+    from jaxcf.foldin_export import ratings_frame
+
+    user_col, item_col, rating_col = cols = model.columns()
+    frame = ratings_frame(path, cols)
+    if user_col not in frame.columns:
+        return frame.assign(**{user_col: user})
+    named = frame[user_col].astype(str)
+    others = sorted(set(named[named != str(user)].tolist()))
+    if others:
+        raise ModelError(f"{path}: its {user_col} column names user(s) {', '.join(others[:3])}, not --user {user}; "
+                         f"give a file of {user}'s ratings ({item_col},{rating_col}; a {user_col} column is optional)")
+    return frame
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,16 +65,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--k must be >= 1; got {args.k}")
         if args.save and not args.ratings:
             raise ValueError("--save keeps a folded model: give --ratings too")
-        model = load_model(args.model)
+        if args.save:
+            from jaxcf.export import check_target
+
+            check_target(args.save)  # before any work: --save never replaces what jaxcf did not write
+        model = cli.load_model(args.model)
         if args.ratings:
-            model = model.fold_in(args.ratings)
+            model = model.fold_in(user_ratings(model, args.ratings, args.user))
             report = model.fold_in_report
             unknown = (f"; {report.unknown_item_ratings} rating(s) of {len(report.unknown_items)} item(s) the model "
                        f"does not know were not used: {', '.join(map(str, report.unknown_items[:5]))}"
                        if report.unknown_items else "")
             low = (f"; {report.below_threshold} rating(s) under the model's interaction threshold were not used"
                    if report.below_threshold else "")
-            print(f"folded in {report.users_added} new and {report.users_updated} known user(s) from "
+            print(f"folded in user {args.user} ({'new' if report.users_added else 'known'}) from "
                   f"{args.ratings}{unknown}{low}")
             if args.save:
                 print(f"saved the folded model to {model.save(args.save)}")

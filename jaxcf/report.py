@@ -37,8 +37,8 @@ from matplotlib.figure import Figure
 
 from jaxcf import cli
 from jaxcf.errors import ModelError
-from jaxcf.fileio import replace_directory, staging_directory
-from jaxcf.inference import Model, load_model
+from jaxcf.fileio import replace_directory, replaceable, staging_directory
+from jaxcf.inference import Model
 
 # Items in the PCA map: the most-rated ones (fastai's lesson uses the top 1000 as well).
 PCA_ITEMS = 1000
@@ -222,13 +222,30 @@ def _md_table(ranking, score_name: str) -> list[str]:
     return lines
 
 
+# Everything a report folder holds; a folder with anything else in it is never replaced.
+REPORT_FILES = ("report.md", "curves.png", "embeddings_pca.png", "item_bias.png")
+
+
+def is_report(folder: Path) -> bool:
+    """Whether ``folder`` is a report jaxcf wrote (``report.md`` and its figures, nothing else)."""
+    names = {p.name for p in folder.iterdir()}
+    return "report.md" in names and names <= set(REPORT_FILES)
+
+
 def write_report(model: Model, out: str | Path) -> Path:
-    """Draws the figures and writes ``report.md`` into ``out``, replacing any report there as a whole.
+    """Draws the figures and writes ``report.md`` into ``out``, replacing a report there as a whole (never
+    anything else).
 
     Returns:
       The path of ``report.md``.
+
+    Raises:
+      ModelError: ``out`` is a file, a link, or a folder that is not a previous report.
     """
     target = Path(out)
+    reason = replaceable(target, is_report, "report")
+    if reason is not None:
+        raise ModelError(f"--out: {reason}")
     with staging_directory(target) as staging:
         _write(model, staging)
         replace_directory(staging, target)
@@ -315,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
-        model = load_model(args.model)
+        model = cli.load_model(args.model)
         out = args.out or model.path.parent / "report"
         try:
             report = write_report(model, out)

@@ -3,9 +3,10 @@
     python -m jaxcf.serve --model runs/bias [--host 127.0.0.1] [--port 8000]
 
 ========================  ========================================================================
-``GET /health``           ``{"status": "ok", "kind", "users", "items", "factors", "members", "sha256"}``
+``GET /health``           ``{"status": "ok", "kind", "feedback", "users", "items", "factors", "members", "sha256"}``
 ``POST /predict``         ``{"users": [...], "items": [...], "strict": false}`` ->
-                          ``{"ratings": [...], "fallback": [...]}``
+                          ``{"ratings": [...], "fallback": [...]}`` (an implicit-feedback model:
+                          ``{"scores": [...], "fallback": [...]}``, scores that order items)
 ``POST /recommend``       ``{"user": id, "k": 10}``, or ``{"ratings": [{"item": id, "rating": r}, ...],
                           "k": 10}`` for a user known only by these ratings (solved on the fly:
                           ``Model.recommend_from_ratings``; the rated items are left out) ->
@@ -39,15 +40,17 @@ from typing import Annotated, Any
 
 import numpy as np
 
-from jaxcf import cli, evaluate
+from jaxcf import cli, metrics
 from jaxcf.errors import ModelError, UnknownIdError
-from jaxcf.inference import Model, load_model
+from jaxcf.inference import Model
 
 log = logging.getLogger("jaxcf.serve")
 MAX_PAIRS = 100_000  # pairs per /predict request
 MAX_K = 1000
 PREDICT_WARM_PAIRS = 8192  # /predict sizes compiled before the port opens
 MAX_RATINGS = 10_000  # ratings per on-the-fly fold-in
+MAX_BATCH = 4096  # recommendations per batched device call at most (--max-batch)
+MAX_WINDOW_MS = 1000.0  # the longest a recommendation may wait for others to share its batch
 
 
 class Batcher:
@@ -103,7 +106,7 @@ def create_app(model: Model, *, batch_window: float = 0.002, max_batch: int = 64
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -116,7 +119,7 @@ def create_app(model: Model, *, batch_window: float = 0.002, max_batch: int = 64
     class PredictRequest(Strict):
         users: Annotated[list[Id], Field(max_length=MAX_PAIRS)]
         items: Annotated[list[Id], Field(max_length=MAX_PAIRS)]
-        strict: bool = False
+        strict: StrictBool = False
 
     class Rated(Strict):
         item: Id
@@ -126,8 +129,8 @@ def create_app(model: Model, *, batch_window: float = 0.002, max_batch: int = 64
         user: Id | None = None
         ratings: Annotated[list[Rated], Field(max_length=MAX_RATINGS)] | None = None
         k: K = 10
-        strict: bool = False
-        exclude_seen: bool = True
+        strict: StrictBool = False
+        exclude_seen: StrictBool = True
 
     class SimilarRequest(Strict):
         item: Id
@@ -156,7 +159,9 @@ def create_app(model: Model, *, batch_window: float = 0.002, max_batch: int = 64
     app = FastAPI(title="jaxcf", lifespan=lifespan)
 
     def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+        # A client's id that is not valid Unicode (a lone surrogate) is echoed escaped: JSON must be UTF-8.
+        safe = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        return JSONResponse({"error": safe}, status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
@@ -197,18 +202,23 @@ def create_app(model: Model, *, batch_window: float = 0.002, max_batch: int = 64
     @app.middleware("http")
     async def access_log(request: Request, call_next):
         start = time.perf_counter()
-        response = await call_next(request)
-        log.info(json.dumps({"method": request.method, "path": request.url.path, "status": response.status_code,
-                             "ms": round((time.perf_counter() - start) * 1000, 2),
-                             "client": request.client.host if request.client else None}))
-        return response
+        status = 500  # logged even when the handler raised: every request has its line
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            log.info(json.dumps({"method": request.method, "path": request.url.path, "status": status,
+                                 "ms": round((time.perf_counter() - start) * 1000, 2),
+                                 "client": request.client.host if request.client else None}))
 
     files = model.metadata.get("files") or {}
     weights_sha = (files.get("weights.safetensors") or {}).get("sha256")
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "kind": model.kind, "users": model.num_users, "items": model.num_items,
+        return {"status": "ok", "kind": model.kind, "feedback": model.feedback, "users": model.num_users,
+                "items": model.num_items,
                 "factors": int(model.export.weights["user_embedding"].shape[-1]), "members": model.ensemble_size,
                 "sha256": weights_sha}
 
@@ -218,14 +228,18 @@ def create_app(model: Model, *, batch_window: float = 0.002, max_batch: int = 64
             return error(422, f"users and items differ in length ({len(body.users)} and {len(body.items)}); "
                               "give one item per user")
         result = await run_in_threadpool(model.predict, body.users, body.items, body.strict)
-        return {"ratings": [float(v) for v in result.ratings], "fallback": [bool(v) for v in result.fallback]}
+        key = "scores" if model.feedback == "implicit" else "ratings"
+        return {key: [float(v) for v in result.ratings], "fallback": [bool(v) for v in result.fallback]}
 
     @app.post("/recommend")
     async def recommend(body: RecommendRequest):
         if (body.user is None) == (body.ratings is None):
             return error(422, "give either 'user' (an id) or 'ratings' (a list of {item, rating}), not both")
         if body.ratings is not None:
-            values = [float(r.rating) for r in body.ratings]
+            try:
+                values = [float(r.rating) for r in body.ratings]
+            except OverflowError:  # an integer of hundreds of digits
+                values = [math.inf]
             if not all(math.isfinite(v) for v in values):
                 return error(422, "ratings must be finite numbers")
             ranking, unknown_items = await run_in_threadpool(
@@ -263,7 +277,7 @@ def warm_up(model: Model, max_batch: int) -> float:
     while size <= len(users):
         model.recommend_many(users[:size], k=10)
         size *= 2
-    pairs = evaluate.MIN_ROUND
+    pairs = metrics.MIN_ROUND
     while users and model.num_items and pairs <= PREDICT_WARM_PAIRS:  # six shapes
         model.predict(users[:1], model.item_ids.raw[np.arange(pairs) % model.num_items].tolist())
         pairs *= 2
@@ -271,10 +285,23 @@ def warm_up(model: Model, max_batch: int) -> float:
     if model.num_items:
         model.similar_items(model.item_ids.raw[0].item() if hasattr(model.item_ids.raw[0], "item")
                             else model.item_ids.raw[0], k=10)
-        rated = model.item_ids.raw[: min(model.num_items, 512)].tolist()
+        trained = model.item_ids.raw[np.flatnonzero(model.item_trained)[:512]].tolist()
+        value = warm_rating(model)  # a rating the solve uses (an implicit model's: an interaction)
         for count in (1, 65, 129, 257):
-            model.recommend_from_ratings(rated[:count], [3.0] * len(rated[:count]), k=10)
+            model.recommend_from_ratings(trained[:count], [value] * len(trained[:count]), k=10)
     return time.perf_counter() - start
+
+
+def warm_rating(model: Model) -> float:
+    """A rating that fold-in uses: an implicit model's interaction threshold, else the middle of the scale."""
+    from jaxcf.export import implicit_threshold
+    from jaxcf.foldin_export import rating_scale
+
+    threshold = implicit_threshold(model.metadata)
+    if threshold is not None:
+        return float(threshold)
+    low, high = rating_scale(model.export)
+    return (low + high) / 2 if math.isfinite(low + high) else 3.0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -303,8 +330,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             import uvicorn
         except ImportError:
             raise ModelError("the server needs FastAPI and uvicorn: pip install 'jaxcf[serve]'") from None
-        if not 0 < args.port < 65536 or args.max_batch < 1 or args.batch_window_ms < 0:
-            raise ValueError("--port must be in 1-65535, --max-batch >= 1 and --batch-window-ms >= 0")
+        if not 0 < args.port < 65536:
+            raise ValueError(f"--port must be in 1-65535; got {args.port}")
+        if not 1 <= args.max_batch <= MAX_BATCH:
+            raise ValueError(f"--max-batch must be in 1-{MAX_BATCH}; got {args.max_batch}")
+        if not (math.isfinite(args.batch_window_ms) and 0 <= args.batch_window_ms <= MAX_WINDOW_MS):
+            raise ValueError(f"--batch-window-ms must be a number in [0, {MAX_WINDOW_MS}]; got {args.batch_window_ms}")
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -312,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except OSError as err:
                 raise ValueError(f"cannot listen on {args.host}:{args.port} ({err.strerror}); choose another "
                                  "--port or --host") from None
-        model = load_model(args.model)
+        model = cli.load_model(args.model)
         seconds = 0.0 if args.no_warm_up else warm_up(model, args.max_batch)
         ready = {"event": "ready", "model": str(model.path), "kind": model.kind, "users": model.num_users,
                  "items": model.num_items, "warm_up_s": round(seconds, 2), "url": f"http://{args.host}:{args.port}"}

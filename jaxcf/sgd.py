@@ -6,9 +6,10 @@ initial state; :func:`family` is what the one loop (``jaxcf.trainer``) runs: an 
 compiled ``lax.scan`` (``jaxcf.steps``) over the epoch's shuffled batches, on one device or a mesh.
 
 The record of an epoch: ``train_loss`` (the notebook's debiased moving average of batch losses,
-momentum 0.98), ``train_mse_epoch_mean``, ``valid_mse``, ``valid_rmse``, ``valid_mae`` (exact over
-every validation rating) and ``valid_loss_notebook`` (the notebook's mean of per-batch means over
-batches of 128).
+momentum 0.98), ``train_mse_epoch_mean``, the validation and test metrics of ``jaxcf.metrics.Evaluation``
+(``valid_rmse`` over every validation rating answered as ``predict`` answers it, ``valid_rmse_known``,
+``valid_rmse_rows`` the notebook's way, ...; ``test_*`` likewise) and ``valid_loss_notebook`` (the
+notebook's mean of per-batch means over batches of 128, from the table rows).
 
 What does not live here: K models side by side (``jaxcf.members``), the loop (``jaxcf.trainer``),
 the step and the epoch (``jaxcf.steps``).
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcf import distributed, evaluate, models, optim, rng, steps
+from jaxcf import distributed, metrics, models, optim, rng, steps
 from jaxcf.config import Config
 from jaxcf.data import Dataset
 from jaxcf.errors import DataError, TrainingDiverged
@@ -78,6 +79,7 @@ def make_setup(config: Config, dataset: Dataset) -> Setup:
     y_range = output_range(config, dataset)
     model = models.build(config.model.kind, ratings.num_users, ratings.num_items, config.model.n_factors, y_range)
     train_rows = steps.rows_by_user(ratings.users, dataset.split.train)
+    steps.check_batch_size(config.train.batch_size, len(train_rows))
     total = steps.num_batches(len(train_rows), config.train.batch_size) * config.train.epochs
     return Setup(config, dataset, model, y_range, optim.build(config.optim, total), train_rows)
 
@@ -90,12 +92,16 @@ def init_state(setup: Setup, params: dict[str, jax.Array] | None = None) -> step
     return steps.TrainState(params, setup.optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
-def divergence_hint(ratings: np.ndarray) -> str:
-    """What to change after a divergence: the learning rate, or the data's scale when that is the cause."""
+def divergence_hint(ratings: np.ndarray, y_range: tuple[float, float] | None = None) -> str:
+    """What to change after a divergence: the learning rate, or the scale (the data's or the biased model's
+    output range) when that is the cause."""
     largest = float(np.max(np.abs(ratings))) if len(ratings) else 0.0
     if largest > 1e4:
         return (f"the ratings reach {largest:.3g}, a scale at which squared errors overflow float32; rescale "
                 "them (e.g. to 0-5) or lower optim.learning_rate")
+    if y_range is not None and max(abs(y_range[0]), abs(y_range[1])) > max(1e4, 100 * largest):
+        return (f"model.y_range {list(y_range)} is far wider than the ratings (up to {largest:.3g}), so predictions "
+                "and squared errors overflow float32; set it to the ratings' range (or null for their min and max)")
     return "lower optim.learning_rate"
 
 
@@ -132,10 +138,11 @@ def model_info(setup: Setup, members: int | None = None, method: str | None = No
     return info
 
 
-def validation_predictor(setup: Setup, layout, predict_fn: Callable) -> Callable:
-    """``params -> float32[..., n_valid]`` predictions on the host, on one device or the mesh."""
-    ratings, valid, chunk = setup.dataset.ratings, setup.valid_rows, setup.config.train.eval_batch_size
-    users, items = ratings.users[valid], ratings.items[valid]
+def validation_predictor(setup: Setup, layout, predict_fn: Callable, users: np.ndarray,
+                         items: np.ndarray) -> Callable:
+    """``params -> float32[..., n]`` predictions for the pairs ``users, items`` on the host, on one device
+    or the mesh."""
+    chunk = setup.config.train.eval_batch_size
     if layout is None:
         jitted = jax.jit(predict_fn)
         size = max(1, min(chunk, len(users)))
@@ -153,6 +160,17 @@ def validation_predictor(setup: Setup, layout, predict_fn: Callable) -> Callable
     return layout.make_predict(predict_fn, users, items, chunk)
 
 
+def check_scale(record: dict, number: int, too_far: float, hint: str) -> None:
+    """Raises TrainingDiverged when the model's own predictions (``*_rmse_rows``, validation else test)
+    left the ratings' scale; with neither part, the loss checks alone guard the run."""
+    value = record.get("valid_rmse_rows", record.get("test_rmse_rows"))
+    if value is not None and not (math.isfinite(value) and value <= too_far):
+        raise TrainingDiverged(
+            f"training diverged in epoch {number + 1}: the model's RMSE {value:.4g} is far outside the ratings' "
+            f"scale; {hint} (the last good checkpoint is kept)"
+        )
+
+
 def family(setup: Setup, layout=None, orders: Callable[[int], np.ndarray] | None = None) -> Family:
     """The one-model family.
 
@@ -164,8 +182,8 @@ def family(setup: Setup, layout=None, orders: Callable[[int], np.ndarray] | None
     """
     config = setup.config
     ratings = setup.dataset.ratings
-    train, valid = setup.train_rows, setup.valid_rows
-    targets_valid = ratings.ratings[valid]
+    train = setup.train_rows
+    evaluation = metrics.Evaluation.of(setup.dataset, setup.y_range)
     row_l2 = config.optim.row_l2 > 0
     l2 = jnp.float32(config.optim.row_l2)
     users, items, targets = ratings.users[train], ratings.items[train], ratings.ratings[train]
@@ -176,7 +194,8 @@ def family(setup: Setup, layout=None, orders: Callable[[int], np.ndarray] | None
         body = steps.make_epoch_body(setup.optimizer, setup.y_range, row_l2=row_l2)
         epoch_fn = distributed.ShardedEpoch(layout, body, config.train.batch_size)
     y_range = setup.y_range
-    predict = validation_predictor(setup, layout, lambda p, u, i: models.score_pairs(p, u, i, y_range))
+    predict = validation_predictor(setup, layout, lambda p, u, i: models.score_pairs(p, u, i, y_range),
+                                   evaluation.users, evaluation.items)
     check_finite = jax.jit(finite_tables) if layout is None else (lambda p: layout.fetch(finite_tables, p))
     order_key = rng.stream(config.seed, "order")
     too_far = absurd_rmse(ratings.ratings[train])
@@ -194,27 +213,25 @@ def family(setup: Setup, layout=None, orders: Callable[[int], np.ndarray] | None
             bad = int(np.argmax(~np.isfinite(losses)))
             raise TrainingDiverged(
                 f"training diverged in epoch {number + 1}: the loss of batch {bad + 1} is {losses[bad]}; "
-                f"{divergence_hint(ratings.ratings[train])} (the last good checkpoint is kept)"
+                f"{divergence_hint(ratings.ratings[train], setup.y_range)} (the last good checkpoint is kept)"
             )
         if not bool(np.asarray(check_finite(state.params))):
             raise TrainingDiverged(
                 f"training diverged in epoch {number + 1}: its last update made the parameters NaN or infinite; "
-                f"{divergence_hint(ratings.ratings[train])} (the last good checkpoint is kept)"
+                f"{divergence_hint(ratings.ratings[train], setup.y_range)} (the last good checkpoint is kept)"
             )
-        avg, count, train_loss = evaluate.debiased_ema(carry.get("avg_loss", 0.0), carry.get("batch_num", 0), losses)
+        avg, count, train_loss = metrics.debiased_ema(carry.get("avg_loss", 0.0), carry.get("batch_num", 0), losses)
         predictions = predict(state.params)
         record = {
             "epoch": number + 1,
             "train_loss": train_loss,
             "train_mse_epoch_mean": float(np.mean(losses, dtype=np.float64)),
-            **evaluate.regression_metrics(predictions, targets_valid),
-            "valid_loss_notebook": evaluate.batch_mean_mse(predictions, targets_valid, 128),
+            **evaluation.metrics(predictions),
         }
-        if not math.isfinite(record["valid_rmse"]) or record["valid_rmse"] > too_far:
-            raise TrainingDiverged(
-                f"training diverged in epoch {number + 1}: validation RMSE {record['valid_rmse']:.4g}, far outside "
-                f"the ratings' scale; {divergence_hint(ratings.ratings[train])} (the last good checkpoint is kept)"
-            )
+        if evaluation.has("valid"):
+            part = evaluation.part("valid")
+            record["valid_loss_notebook"] = metrics.batch_mean_mse(predictions[part], evaluation.targets[part], 128)
+        check_scale(record, number, too_far, divergence_hint(ratings.ratings[train], setup.y_range))
         return record, {"avg_loss": avg, "batch_num": count}
 
     return Family(
@@ -224,6 +241,6 @@ def family(setup: Setup, layout=None, orders: Callable[[int], np.ndarray] | None
         record=record,
         params=lambda state: state.params,
         row_axes=distributed.single_row_axes,
-        final=lambda params: evaluate.final_metrics(setup.dataset, y_range, params),
+        final=lambda params: metrics.final_metrics(setup.dataset, y_range, params),
         model_info=model_info(setup),
     )

@@ -14,7 +14,6 @@ import sys
 from collections.abc import Sequence
 
 from jaxcf import cli
-from jaxcf.inference import load_model
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -35,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> int:
         if args.k < 1:
             raise ValueError(f"--k must be >= 1; got {args.k}")
-        model = load_model(args.model)
+        model = cli.load_model(args.model)
         ranking = model.similar_items(args.item, k=args.k, min_ratings=args.min_ratings)
         title = model.title(args.item)
         about = f"item {args.item}" + (f" ({title})" if title else "")

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from jaxcf import models, sparse
+from jaxcf.errors import ConfigError
 
 
 class TrainState(NamedTuple):
@@ -107,6 +108,22 @@ def make_epoch_body(
 
 def num_batches(num_ratings: int, batch_size: int) -> int:
     return -(-num_ratings // batch_size)
+
+
+# A batch may exceed the data up to this size (a default of 64 on a handful of ratings is fine); past it, the
+# padding of every epoch up to the batch size is the cost of a typo.
+MAX_PADDED_BATCH = 1 << 16
+
+
+def check_batch_size(batch_size: int, num_ratings: int, what: str = "training ratings") -> None:
+    """A batch far larger than the data pads every epoch up to it: refused as the typo it is.
+
+    Raises:
+      ConfigError: naming both sizes.
+    """
+    if batch_size > max(num_ratings, MAX_PADDED_BATCH):
+        raise ConfigError(f"train.batch_size {batch_size} is larger than the {num_ratings} {what}; use at most "
+                          f"{num_ratings} (one batch is then the whole epoch)")
 
 
 def epoch_index(order: jax.Array, batch_size: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from jaxcf import evaluate, ranking, trainer
+from jaxcf import metrics, ranking, trainer
 from jaxcf.config import Config
 from jaxcf.data import Dataset, Split, random_split
 from jaxcf.data.ratings import ratings_from_frame
@@ -109,8 +109,8 @@ def score(model: Model, targets: pd.DataFrame, history: pd.DataFrame, cols: Sequ
     user_col, item_col, rating_col = cols
     predictions = model.predict(targets[user_col].tolist(), targets[item_col].tolist())
     values = targets[rating_col].to_numpy(np.float64)
-    metrics = evaluate.regression_metrics(predictions.ratings, values, prefix="")
-    metrics["fallback_share"] = float(np.mean(predictions.fallback))
+    result = metrics.regression_metrics(predictions.ratings, values, prefix="")
+    result["fallback_share"] = float(np.mean(predictions.fallback))
     kmax = max(KS)
     seen = history.groupby(user_col)[item_col].apply(set).to_dict()
     relevant = targets[targets[rating_col] >= THRESHOLD].groupby(user_col)[item_col].apply(set).to_dict()
@@ -126,9 +126,9 @@ def score(model: Model, targets: pd.DataFrame, history: pd.DataFrame, cols: Sequ
             sums[f"precision@{k}"] += hits[:k].sum() / k
             sums[f"recall@{k}"] += hits[:k].sum() / len(relevant[user])
             sums[f"ndcg@{k}"] += float(np.sum(hits[:k] * discounts[:k]) / ideal)
-    metrics.update({name: total / max(1, len(users)) for name, total in sums.items()})
-    metrics["ranking_users"] = len(users)
-    return metrics
+    result.update({name: total / max(1, len(users)) for name, total in sums.items()})
+    result["ranking_users"] = len(users)
+    return result
 
 
 def run(config: Config, dataset: Dataset, *, held_fraction: float = 0.1, history_fraction: float = 0.8,
@@ -182,7 +182,7 @@ def choose_prior_scale(config: Config, dataset: Dataset, scales: Sequence[float]
     for scale in scales:
         folded = base.fold_in(history, user_col=cols[0], item_col=cols[1], rating_col=cols[2], prior_scale=scale)
         predictions = folded.predict(targets[cols[0]].tolist(), targets[cols[1]].tolist()).ratings
-        figures[float(scale)] = math.sqrt(evaluate.mse(predictions, targets[cols[2]].to_numpy()))
+        figures[float(scale)] = math.sqrt(metrics.mse(predictions, targets[cols[2]].to_numpy()))
     return min(figures, key=figures.get), figures
 
 

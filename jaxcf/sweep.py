@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from jaxcf import cli, evaluate, members, sgd, trainer
+from jaxcf import cli, members, metrics, sgd, trainer
 from jaxcf.config import Config, ConfigError, apply_overrides, from_dict, load, read_yaml, resolve_path, to_dict
 from jaxcf.data import Dataset, holdout
 from jaxcf.data import load as load_dataset
@@ -142,9 +142,9 @@ def run_sweep(
         history = progress.history
         diverged = np.asarray(progress.carry.get("diverged", [False] * len(group)), bool)
         params = progress.best_params if progress.best_params is not None else state.params
-        valid = dataset.split.valid
-        predictions = evaluate.predict_pairs(params, dataset.ratings.users[valid], dataset.ratings.items[valid],
-                                             setup.y_range, chunk=config.train.eval_batch_size, per_member=True)
+        evaluation = metrics.Evaluation.of(dataset, setup.y_range)
+        predictions = metrics.predict_pairs(params, evaluation.users, evaluation.items, setup.y_range,
+                                            chunk=config.train.eval_batch_size, per_member=True)
         seconds = time.perf_counter() - start
         epoch_seconds = [r["seconds"] for r in history]
         programs.append({
@@ -157,7 +157,7 @@ def run_sweep(
             "epoch_seconds": epoch_seconds,
             "ensemble_valid_rmse": history[-1]["valid_rmse"],
         })
-        all_predictions.append((dataset.split.name, predictions[~diverged]))
+        all_predictions.append((dataset.split.name, evaluation, predictions[~diverged]))
         for k, i in enumerate(indices):
             curve = [r["member_valid_rmse"][k] for r in history]
             best = int(np.nanargmin(curve)) if not np.all(np.isnan(curve)) else 0
@@ -182,12 +182,12 @@ def run_sweep(
         "seconds": sum(p["seconds"] for p in programs),
     }
     # The ensemble of every member is meaningful only when all programs share one validation set.
-    if len({name for name, _ in all_predictions}) == 1 and finite:
-        dataset = dataset_for(base)
-        targets = dataset.ratings.ratings[dataset.split.valid].astype(np.float64)
-        mean = np.concatenate([p for _, p in all_predictions]).astype(np.float64).mean(axis=0)
-        summary["ensemble_of_all"] = {"members": len(finite), "valid_rmse": evaluate.rmse(mean, targets),
-                                      "valid_mae": evaluate.mae(mean, targets)}
+    if len({name for name, _, _ in all_predictions}) == 1 and finite:
+        evaluation = all_predictions[0][1]
+        mean = np.concatenate([p for _, _, p in all_predictions]).astype(np.float64).mean(axis=0)
+        scored = evaluation.metrics(mean)  # every pair answered as predict answers it
+        summary["ensemble_of_all"] = {"members": len(finite), "valid_rmse": scored["valid_rmse"],
+                                      "valid_mae": scored["valid_mae"]}
     summary["by_point"] = _by_point(results)
     return summary
 
@@ -289,7 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if key not in cache:
                 # Every member's split comes from the base seed: members differ in init and order only.
                 dataset = load_dataset(config.data, base.seed)
-                cache[key] = holdout(dataset, args.holdout, base.seed) if args.holdout is not None else dataset
+                dataset = holdout(dataset, args.holdout, base.seed) if args.holdout is not None else dataset
+                if not len(dataset.split.valid):
+                    raise ConfigError("the sweep compares its members on validation rows, and this data has none "
+                                      "(data.valid_fraction 0, or a named fold's test set): add --holdout 0.1")
+                cache[key] = dataset
             return cache[key]
 
         summary = run_sweep(base, member_list, dataset_for, quiet=args.quiet)

@@ -21,7 +21,7 @@ from pathlib import Path
 from jaxcf import cli, trainer
 from jaxcf.config import load
 from jaxcf.errors import WorkdirError
-from jaxcf.workdir import default_workdir
+from jaxcf.workdir import default_workdir, test_key
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -38,13 +38,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def final_line(record: dict, workdir: Path) -> str:
     """``final valid_rmse 0.8739 (valid_mae 0.6723, ndcg@10 0.0775); outputs in WORKDIR``, or for an
-    implicit-feedback model ``final ndcg@20 0.2605 (recall@20 0.2882, ...); outputs in WORKDIR``."""
-    if record.get("protocol") == "implicit-holdout":
-        extras = [f"{key} {record[key]:.4f}" for key in ("recall@20", "map@20", "mrr") if key in record]
-        return f"final ndcg@20 {record['ndcg@20']:.4f} ({', '.join(extras)}); outputs in {workdir}"
-    extras = [f"{key} {record[key]:.4f}" for key in ("valid_mae", "ndcg@10") if isinstance(record.get(key), float)]
-    shown = f" ({', '.join(extras)})" if extras else ""
-    return f"final valid_rmse {record.get('valid_rmse', float('nan')):.4f}{shown}; outputs in {workdir}"
+    implicit-feedback model ``final ndcg@20 0.2605 (recall@20 0.2882, ...); outputs in WORKDIR``; the test
+    part's figures (``test_rmse``) when nothing is validated, the training loss when neither is."""
+    implicit = any(v == "implicit-holdout" for k, v in record.items() if k.endswith("protocol"))
+    main, extra = ("ndcg@20", ("recall@20", "map@20", "mrr")) if implicit else ("valid_rmse", ("valid_mae", "ndcg@10"))
+    line = f"final train_loss {record.get('train_loss', float('nan')):.6f} (nothing validated or tested)"
+    for name in (lambda key: key, test_key):
+        if isinstance(record.get(name(main)), float):
+            shown = [f"{name(k)} {record[name(k)]:.4f}" for k in extra if isinstance(record.get(name(k)), float)]
+            line = f"final {name(main)} {record[name(main)]:.4f}" + (f" ({', '.join(shown)})" if shown else "")
+            break
+    return f"{line}; outputs in {workdir}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load(config_name, args.set)
         workdir = args.workdir if args.workdir is not None else default_workdir(config_name)
         try:
-            trained = trainer.fit(config, workdir=workdir, resume=args.resume, quiet=args.quiet)
+            trained = trainer.fit(config, workdir=workdir, resume=args.resume, quiet=args.quiet, on_stall="exit")
         except trainer.Interrupted as err:
             print(str(err), file=sys.stderr)
             return err.exit_status

@@ -29,8 +29,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from jaxcf import blend, bpr, checkpoint, distributed, ease, export, gibbs, ials, members, processes, sgd
+from jaxcf import blend, bpr, checkpoint, distributed, ease, export, gibbs, ials, members, memory, processes, sgd
 from jaxcf import workdir as wd
 from jaxcf.config import Config, dump, is_implicit, to_dict
 from jaxcf.data import Dataset
@@ -134,13 +135,11 @@ def train(
     Raises:
       TrainingDiverged: from the family's record; that epoch's state is dropped.
     """
-    from tqdm.auto import tqdm
-
     progress = progress or Progress()
     patience = config.train.early_stopping_patience
     watchdog = watchdog or wd.Watchdog(0)
     bar = tqdm(total=config.train.epochs, initial=progress.epoch, disable=not show_progress,
-               desc=family.name, unit="epoch", leave=False, file=sys.stderr)
+               desc=model_label(family.model_info), unit="epoch", leave=False, file=sys.stderr)
     for epoch in range(progress.epoch, config.train.epochs):
         if progress.stopped_early:
             break
@@ -152,9 +151,9 @@ def train(
         watchdog.disarm()
         record["train_seconds"] = train_seconds
         record["seconds"] = time.perf_counter() - start
-        value = record[family.monitor]
+        value = record.get(family.monitor)  # None when nothing is validated: the last epoch is the one kept
         better = (lambda a, b: a > b) if family.maximize else (lambda a, b: a < b)
-        improved = progress.best_value is None or better(value, progress.best_value)
+        improved = value is None or progress.best_value is None or better(value, progress.best_value)
         best_epoch = epoch + 1 if improved else progress.best_epoch
         progress = Progress(
             epoch=epoch + 1,
@@ -167,11 +166,20 @@ def train(
                          else progress.best_params),
         )
         bar.update(1)
-        bar.set_postfix({family.monitor: f"{value:.4f}"})
+        if value is not None:
+            bar.set_postfix({family.monitor: f"{value:.4f}"})
         if on_epoch is not None:
             on_epoch(state, progress, record)
     bar.close()
     return state, progress
+
+
+def model_label(model_info: dict) -> str:
+    """What a run trains, in a word (the progress bar's label): the family of an implicit model, ``bpmf``
+    for Gibbs sampling, else the model kind (``bias``, ``dot``)."""
+    if model_info.get("ensemble_method") == "gibbs":
+        return "bpmf"
+    return model_info.get("family") or model_info.get("kind", "model")
 
 
 def _params_row_axes(tree: Any) -> Any:
@@ -242,6 +250,7 @@ def fit(
     out=None,
     orders: Callable | None = None,
     progress_bar: bool | None = None,
+    on_stall: str = "raise",
 ) -> Trained:
     """Trains ``config`` (on ``dataset``, else the one its ``data`` section names).
 
@@ -251,7 +260,11 @@ def fit(
       quiet: no progress bar.
       out: where the per-epoch table goes (default stdout; ``os.devnull`` to silence).
       orders: ``epoch -> positions`` overriding the seeded shuffle (single models; the parity suite).
-      progress_bar: draw the progress bar (None: only on a terminal; never when ``quiet``).
+      progress_bar: draw the progress bar (None: only on a terminal or in a notebook; never when ``quiet``).
+        The table's rows are written above it (``tqdm.write``), so neither corrupts the other.
+      on_stall: what the watchdog does with a stalled epoch (``jaxcf.workdir.Watchdog``): ``"raise"``
+        TrainingStalled (the library; the caller's interpreter is never ended) or ``"exit"`` the process
+        with status 3 after dumping every thread's stack (the CLIs).
 
     Returns:
       :class:`Trained`.
@@ -260,6 +273,8 @@ def fit(
       ConfigError, DataError, WorkdirError, CheckpointError: before anything is written (or, for a
         checkpoint that cannot be written, with the previous ones intact).
       TrainingDiverged: the last good checkpoint is kept, nothing is exported.
+      TrainingStalled: an epoch made no progress for ``train.stall_seconds`` (``on_stall="raise"``); the
+        last checkpoint is kept. An epoch hung inside native code never returns to raise it.
       Interrupted: on SIGINT/SIGTERM, after checkpointing the last finished epoch.
     """
     out = out if out is not None else sys.stdout
@@ -276,13 +291,16 @@ def fit(
     if resume:
         wd.check_data(Path(workdir), dataset.fingerprint())
     family = build_family(config, dataset, layout, orders)
+    ratings = dataset.ratings
+    memory.check_state(family.init, f"lower model.n_factors or ensemble.size (the tables have {ratings.num_users} "
+                       f"users and {ratings.num_items} items)", shards=layout.model if layout is not None else 1)
 
     def place(init):
         return init() if layout is None else layout.init(init, family.row_axes)
 
-    show = not quiet and (sys.stderr.isatty() if progress_bar is None else progress_bar)
+    show = not quiet and (wd.interactive() if progress_bar is None else progress_bar)
     if workdir is None:
-        with wd.Watchdog(config.train.stall_seconds) as watchdog:
+        with wd.Watchdog(config.train.stall_seconds, on_stall=on_stall) as watchdog:
             state, progress = train(family, config, place(family.init), show_progress=show, watchdog=watchdog)
         return _finish(family, config, dataset, state, progress, layout)
 
@@ -294,7 +312,7 @@ def fit(
     if layout is not None:
         layout.sync("jaxcf-workdir-checked")  # every process has checked the workdir before process 0 writes
     lock = wd.lock(workdir) if primary else contextlib.nullcontext()
-    with lock, wd.StopFlag() as stop, wd.Watchdog(config.train.stall_seconds) as watchdog:
+    with lock, wd.StopFlag() as stop, wd.Watchdog(config.train.stall_seconds, on_stall=on_stall) as watchdog:
         if primary:
             wd.check(workdir, resume, config)  # again, now that no other process can start here
             with wd.writing(workdir, "the run's config"):
@@ -308,11 +326,14 @@ def fit(
                 for epoch in removed:
                     print(f"skipped the unsealed checkpoint of epoch {epoch} (its save was cut short)", file=out)
             if latest is not None:
+                wd.check_checkpoint_config(workdir, checkpoint.saved_progress(mngr, latest).get("config"), config,
+                                           latest)
                 template = place(family.init)
                 target = _checkpoint_tree(template, family.params(template), family, config)
                 tree, saved = checkpoint.restore(mngr, latest, target, _checkpoint_axes(target, family))
                 del template
                 state = tree["train"]
+                saved.pop("config", None)
                 progress = Progress(**saved, best_params=tree.get("best_params"))
                 if progress.epoch > config.train.epochs:
                     raise WorkdirError(
@@ -324,12 +345,14 @@ def fit(
                 print(f"no checkpoint yet in {workdir}; starting from the beginning", file=out)
             if state is None:
                 state = place(family.init)
-            print(wd.header(family.columns), file=out)
+            columns = wd.shown_columns(family.columns, dataset.split)
+            print(wd.header(columns), file=out)
             for record in progress.history:
-                print(wd.format_row(record, family.columns), file=out)
+                print(wd.format_row(record, columns), file=out)
 
             def on_epoch(state, progress, record):
-                print(wd.format_row(record, family.columns), file=out, flush=True)
+                tqdm.write(wd.format_row(record, columns), file=out)  # above the progress bar, never through it
+                out.flush()
                 if primary:
                     with wd.writing(workdir, "metrics.jsonl"):
                         wd.write_metrics(workdir, progress.history)
@@ -337,7 +360,7 @@ def fit(
                 last = progress.epoch == config.train.epochs or progress.stopped_early
                 if last or stop.raised or (every and progress.epoch % every == 0):
                     tree = _checkpoint_tree(state, progress.best_params, family, config)
-                    checkpoint.save(mngr, progress.epoch, tree, progress.to_json())
+                    checkpoint.save(mngr, progress.epoch, tree, {**progress.to_json(), "config": to_dict(config)})
                 if stop.raised and not last:
                     raise Interrupted(progress.epoch, workdir, stop.signal_number)
 
@@ -373,6 +396,7 @@ def restore_checkpoint(workdir: Path, epoch: int | None = None) -> tuple[Any, Pr
         template = family.init()
         target = _checkpoint_tree(template, family.params(template), family, config)
         tree, saved = checkpoint.restore(mngr, epoch, target, _checkpoint_axes(target, family))
+    saved.pop("config", None)
     return tree["train"], Progress(**saved, best_params=tree.get("best_params"))
 
 

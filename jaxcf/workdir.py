@@ -12,6 +12,7 @@ What does not live here: the loop (``jaxcf.trainer``), checkpoint and export for
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
 import faulthandler
 import fcntl
@@ -24,9 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jaxcf.config import Config, ConfigError, load, to_dict
-from jaxcf.errors import WorkdirError
-from jaxcf.fileio import atomic_write_text, strict_json
+from jaxcf import export
+from jaxcf.config import Config, ConfigError, from_dict, load, to_dict
+from jaxcf.errors import TrainingStalled, WorkdirError
+from jaxcf.fileio import atomic_write_text, replaceable, strict_json
 
 RUN_FILES = ("config.yaml", "data.json", "metrics.jsonl", "checkpoints")
 # Keys a resume may change: how long to train, how often to save, where to run, the watchdog.
@@ -101,6 +103,35 @@ def check(workdir: Path, resume: bool, config: Config) -> None:
     probe = workdir if workdir.exists() else next((p for p in workdir.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK | os.X_OK):
         raise WorkdirError(f"--workdir {workdir}: {probe} is not writable; choose a folder you can write to")
+    # The run ends by writing WORKDIR/model; refuse now, not after training, when that would delete others' files.
+    reason = replaceable(workdir / export.EXPORT_DIR, export.is_export, "model export")
+    if reason is not None:
+        raise WorkdirError(f"--workdir {workdir}: the run's export would replace {reason.split(';')[0]}; choose "
+                           "another --workdir")
+
+
+def check_checkpoint_config(workdir: Path, saved: dict | None, config: Config, epoch: int) -> None:
+    """On resume: the config must be the one the checkpoint was saved with (``WORKDIR/config.yaml`` edited
+    after the run started would otherwise restore into other shapes).
+
+    Raises:
+      WorkdirError: naming the first changed key.
+    """
+    if not saved:
+        return  # a checkpoint written before configs were saved with it
+    try:
+        saved_config = from_dict(saved)
+    except ConfigError:
+        return
+    changed = changed_keys(saved_config, config)
+    if changed:
+        old, new = _flatten(to_dict(saved_config)), _flatten(to_dict(config))
+        first = changed[0]
+        raise WorkdirError(
+            f"--resume: {first} is {new.get(first)!r} but the checkpoint of epoch {epoch} in {workdir} was saved with "
+            f"{old.get(first)!r} (was {workdir / 'config.yaml'} edited?); set it back to resume, or start a new run "
+            "in another --workdir"
+        )
 
 
 def check_data(workdir: Path, fingerprint: dict) -> None:
@@ -189,6 +220,30 @@ EXPLICIT_COLUMNS = (("train_loss", "train_loss"), ("valid_mse", "valid_mse"), ("
 HEADER = "epoch  train_loss  valid_mse  valid_rmse  seconds"
 
 
+def interactive() -> bool:
+    """Whether a progress bar belongs on the screen: stderr is a terminal, or this is a notebook's kernel."""
+    if "ipykernel" in sys.modules:
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def test_key(key: str) -> str:
+    """The test part's name for a validation metric: ``valid_rmse`` -> ``test_rmse``, ``ndcg@20`` ->
+    ``test_ndcg@20``."""
+    return "test_" + key.removeprefix("valid_")
+
+
+def shown_columns(columns, split) -> tuple:
+    """The table's columns for a split: the family's validation columns, the test part's in their place
+    when nothing is validated."""
+    if len(split.valid) or not len(split.test):
+        return tuple(columns)
+    return tuple((test_key(key), test_key(name)) if key != "train_loss" else (key, name) for key, name in columns)
+
+
 def header(columns=EXPLICIT_COLUMNS) -> str:
     """The terminal table's header: ``epoch``, the family's columns, ``seconds``."""
     return "  ".join(["epoch", *(name for _, name in columns), "seconds"])
@@ -245,23 +300,36 @@ STALL_EXIT = 3
 
 
 class Watchdog:
-    """Ends a run whose epoch makes no progress, instead of letting it wait forever.
+    """Ends an epoch that makes no progress, instead of letting it wait forever.
 
     :meth:`arm` before each epoch starts a deadline of ``max(seconds, 10 x the slowest epoch so
-    far)``; :meth:`disarm` after it cancels it. When a deadline passes, a thread of its own writes one
-    line to stderr saying so, dumps every thread's Python stack (``faulthandler``) and ends the
-    process with exit status 3. It works while the main thread is blocked in native code (a hung
-    kernel), because that releases the GIL. ``seconds = 0`` turns it off.
+    far)``; :meth:`disarm` after it cancels it. When a deadline passes, a thread of its own acts, as
+    ``on_stall`` says:
+
+    - ``"raise"`` (the library, ``jaxcf.fit``): it raises :class:`jaxcf.errors.TrainingStalled` in the
+      thread that armed it, which sees it as soon as it runs Python again (between the epoch's compiled
+      calls, or when a slow call returns); the caller's interpreter is never ended. A call that never
+      returns to Python (a kernel hung inside XLA) cannot be interrupted this way: it stays blocked, and
+      a run that may hang belongs in the CLI or a subprocess.
+    - ``"exit"`` (the CLIs): it writes one line to stderr, dumps every thread's Python stack
+      (``faulthandler``) and ends the process with exit status 3. This works while the main thread is
+      blocked in native code, because that releases the GIL.
+
+    ``seconds = 0`` turns it off.
     """
 
-    def __init__(self, seconds: float, what: str = "epoch", stream=None):
+    def __init__(self, seconds: float, what: str = "epoch", stream=None, on_stall: str = "raise"):
+        if on_stall not in ("raise", "exit"):
+            raise ValueError(f"on_stall must be 'raise' or 'exit'; got {on_stall!r}")
         self.seconds = seconds
         self.what = what
+        self.on_stall = on_stall
         self.stream = stream if stream is not None else sys.stderr
         self.slowest = 0.0
         self._deadline: float | None = None
         self._label = ""
         self._started = 0.0
+        self._target = threading.get_ident()
         self._wake = threading.Event()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -274,10 +342,12 @@ class Watchdog:
 
     def __exit__(self, *exc):
         self._closed = True
+        self._deadline = None
         self._wake.set()
 
     def arm(self, label: str) -> None:
         self._label = label
+        self._target = threading.get_ident()
         self._started = time.monotonic()
         self._deadline = self._started + max(self.seconds, 10 * self.slowest)
         self._wake.set()
@@ -286,6 +356,10 @@ class Watchdog:
         if self._deadline is not None:
             self.slowest = max(self.slowest, time.monotonic() - self._started)
         self._deadline = None
+
+    def message(self, waited: float) -> str:
+        return (f"{self._label} made no progress for {waited:.0f} s (train.stall_seconds {self.seconds:g}); "
+                "stopped: the last checkpoint is kept, continue with --resume")
 
     def _watch(self) -> None:
         while not self._closed:
@@ -296,17 +370,34 @@ class Watchdog:
             if self._closed:
                 return
             deadline = self._deadline
-            if deadline is not None and time.monotonic() >= deadline:
-                waited = time.monotonic() - self._started
-                print(
-                    f"error: {self._label} made no progress for {waited:.0f} s (train.stall_seconds "
-                    f"{self.seconds:g}); stopping: every thread's stack follows; the last checkpoint is kept, "
-                    "continue with --resume",
-                    file=self.stream, flush=True,
-                )
-                try:
-                    faulthandler.dump_traceback(file=self.stream, all_threads=True)
-                except (ValueError, OSError):  # a stream without a file descriptor
-                    faulthandler.dump_traceback(all_threads=True)
-                self.stream.flush()
-                os._exit(STALL_EXIT)
+            if deadline is None or time.monotonic() < deadline:
+                continue
+            waited = time.monotonic() - self._started
+            if self.on_stall == "raise":
+                self._deadline = None  # once: the exception ends the epoch
+                _raise_stall(self._target, self.message(waited))
+                continue
+            print(f"error: {self.message(waited)}; every thread's stack follows", file=self.stream, flush=True)
+            try:
+                faulthandler.dump_traceback(file=self.stream, all_threads=True)
+            except (ValueError, OSError):  # a stream without a file descriptor
+                faulthandler.dump_traceback(all_threads=True)
+            self.stream.flush()
+            os._exit(STALL_EXIT)
+
+
+_PENDING_STALLS: dict[int, str] = {}
+
+
+class _Stalled(TrainingStalled):
+    """Raised asynchronously in the stalled thread; carries the message the watchdog wrote."""
+
+    def __init__(self):
+        super().__init__(_PENDING_STALLS.pop(threading.get_ident(), "the epoch made no progress"))
+
+
+def _raise_stall(thread_id: int, message: str) -> None:
+    """Raises TrainingStalled(message) in another thread when it next runs Python (CPython's
+    ``PyThreadState_SetAsyncExc``, which takes an exception class: the message waits in a table)."""
+    _PENDING_STALLS[thread_id] = message
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(_Stalled))

@@ -69,7 +69,8 @@ def test_split_is_exactly_the_seeded_notebook_split(bundled):
 def test_ml100k_official_splits_are_exact():
     u1 = data.load(cfg.DataConfig(name="ml-100k", split="u1"), seed=0)
     assert (len(u1.ratings), u1.ratings.num_users, u1.ratings.num_items) == (100_000, 943, 1682)
-    assert (len(u1.split.train), len(u1.split.valid)) == (80_000, 20_000)
+    # The fold's .test part is a test set (scored, never choosing anything); nothing is validated.
+    assert (len(u1.split.train), len(u1.split.valid), len(u1.split.test)) == (80_000, 0, 20_000)
     # u1.base, rebuilt from u.data minus u1.test in (user, item) order, is byte for byte the official file.
     r = u1.ratings
     rows = u1.split.train

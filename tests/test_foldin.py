@@ -149,7 +149,7 @@ def test_recommend_from_ratings_matches_a_fold_in(tmp_path, small):
 
 def test_bad_ratings_are_one_line_errors(tmp_path, small):
     model = _model(tmp_path, small, "dot")
-    with pytest.raises(ModelError, match="lack column"):
+    with pytest.raises(ModelError, match="missing column"):
         model.fold_in(pd.DataFrame({"user": [1], "item": [2], "rating": [3.0]}))
     with pytest.raises(ModelError, match="finite numbers"):
         model.fold_in(pd.DataFrame({"userId": [1], "movieId": [101], "rating": ["five"]}))

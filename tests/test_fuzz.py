@@ -116,7 +116,7 @@ def test_config_loader_gives_a_config_or_a_clean_error(tree):
         assert str(err) and "\n" not in str(err)
         return
     assert config.optim.learning_rate > 0 and math.isfinite(config.optim.learning_rate)
-    assert config.train.batch_size >= 1 and 0 < config.data.valid_fraction < 1
+    assert config.train.batch_size >= 1 and 0 <= config.data.valid_fraction < 1
     assert cfg.from_dict(cfg.to_dict(config)) == config
 
 

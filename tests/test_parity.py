@@ -37,8 +37,8 @@ import torch
 import torch.nn as nn
 
 from jaxcf import config as jconfig
-from jaxcf import evaluate as jevaluate
 from jaxcf import export as jexport
+from jaxcf import metrics as jevaluate
 from jaxcf import models as jmodels
 from jaxcf import sgd as jsgd
 from jaxcf import steps as jsteps

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxcf import export, inference, predict, recommend, similar
+from jaxcf import export, inference, metrics, predict, recommend, similar
 from jaxcf.errors import ModelError, UnknownIdError
 from jaxcf.inference import load_model
 from jaxcf.train import main as train_main
@@ -127,8 +127,9 @@ def test_metadata_cannot_point_outside_the_export(workdir, tmp_path):
 
 def test_predictions_match_the_weights(model, files):
     rng = np.random.default_rng(0)
-    user_rows = rng.integers(0, len(files["users"]), 300)
-    item_rows = rng.integers(0, len(files["items"]), 300)
+    # Trained ids only: an id with a row but no training rating is a fallback (the next tests).
+    user_rows = rng.choice(np.unique(files["seen_users"]), 300)
+    item_rows = rng.choice(np.unique(files["seen_items"]), 300)
     raw_users = [files["users"][i] for i in user_rows]
     # Numeric strings (as the CLI passes them) must match integer ids.
     raw_items = [str(files["items"][i]) for i in item_rows]
@@ -142,7 +143,7 @@ def test_chunked_prediction_equals_one_chunk(model, monkeypatch):
     users = np.repeat([1, 2, 3, 4, 5], 11)
     items = np.tile([31, 1029, 1061, 1129, 1172, 1, 2, 3, 5, 6, 7], 5)
     whole = model.predict(users, items).ratings
-    monkeypatch.setattr(inference, "PREDICT_CHUNK", 7)
+    monkeypatch.setattr(metrics, "PREDICT_CHUNK", 7)
     chunked = model.predict(users, items).ratings
     # Every pair is scored, once, by the same formula; only the call size differs (7 against 256).
     # XLA's CPU backend vectorises the 50-term dot product differently for different call shapes, so
@@ -177,13 +178,25 @@ def test_unknown_ids_fall_back_to_the_mean_prediction_of_the_known_side(model, f
     np.testing.assert_array_equal(result.item_known, [True, False, False, True])
 
 
-def test_known_item_without_training_ratings_gets_the_overall_mean(model, files):
+def test_an_item_with_a_row_but_no_training_rating_is_a_flagged_fallback(model, files):
+    """An item of the validation part only has an untrained row: never scored from it, never recommended."""
     counts = np.bincount(files["seen_items"], minlength=len(files["items"]))
     validation_only = files["items"][int(np.argmax(counts == 0))]
     assert counts[files["item_index"][validation_only]] == 0
-    result = model.predict(999_999, validation_only)
-    assert result.fallback.tolist() == [True]
+    result = model.predict([999_999, 15], [validation_only, validation_only])
+    assert result.fallback.tolist() == [True, True] and result.item_known.tolist() == [False, False]
     assert result.ratings[0] == pytest.approx(mean_training_prediction(files), abs=2e-6)
+    assert result.ratings[1] == pytest.approx(mean_training_prediction(files, user=15), abs=2e-6)
+    with pytest.raises(UnknownIdError, match="has no training rating"):
+        model.predict(15, validation_only, strict=True)
+    untrained = {files["items"][i] for i in np.flatnonzero(counts == 0)}
+    assert not untrained & set(model.recommend(15, k=500, exclude_seen=False).ids.tolist())
+    assert not untrained & set(model.cold_start(k=500).ids.tolist())
+    assert not untrained & set(model.similar_items(260, k=500, min_ratings=0).ids.tolist())
+    with pytest.raises(UnknownIdError, match="has no training rating"):
+        model.similar_items(validation_only)
+    column = files["item_index"][validation_only]
+    assert model.scores([15])[0, column] == pytest.approx(result.ratings[1], abs=2e-6)
 
 
 def test_strict_raises_for_unknown_ids(model):
@@ -212,7 +225,8 @@ def test_recommendations_are_unseen_titled_and_the_true_top_10(model, files, use
     direct = direct_bias_prediction(files, np.full(len(all_rows), user_row), all_rows)
     picked = [files["item_index"][i] for i in ranking.ids.tolist()]
     np.testing.assert_allclose(ranking.scores, direct[picked], rtol=0, atol=2e-6)
-    unseen = np.array([files["items"][i] not in seen for i in all_rows])
+    trained = np.bincount(files["seen_items"], minlength=len(all_rows)) > 0
+    unseen = np.array([files["items"][i] not in seen for i in all_rows]) & trained
     assert direct[unseen].max() <= ranking.scores[0] + 2e-6
     assert np.sort(direct[unseen])[-10] == pytest.approx(ranking.scores[-1], abs=2e-6)
     if user == 15:
@@ -225,7 +239,8 @@ def test_including_seen_items_ranks_everything(model, files):
     all_rows = np.arange(len(files["items"]))
     direct = direct_bias_prediction(files, np.full(len(all_rows), user_row), all_rows)
     ranking = model.recommend(15, k=5, exclude_seen=False)
-    np.testing.assert_allclose(ranking.scores, np.sort(direct)[::-1][:5], rtol=0, atol=2e-6)
+    trained = np.bincount(files["seen_items"], minlength=len(all_rows)) > 0
+    np.testing.assert_allclose(ranking.scores, np.sort(direct[trained])[::-1][:5], rtol=0, atol=2e-6)
 
 
 def test_batched_recommendations_equal_single_ones(model, monkeypatch):
@@ -324,10 +339,10 @@ def test_dot_model_predictions_and_fallbacks(tmp_path):
         np.mean([user[u] @ item[1] for u in (0, 1, 2)]),  # unknown user: b's raters
         np.mean([user[1] @ item[1]]),  # unknown item: user 20's pairs
         np.mean([user[u] @ item[i] for u, i in pairs]),  # both unknown
-        user[2] @ item[4],  # e has no training rating, but both ids are known
+        np.mean([user[2] @ item[i] for i in (1, 2, 3)]),  # e has a row but no training rating: user 30's pairs
     ]
     np.testing.assert_allclose(result.ratings, expected, rtol=1e-5)
-    assert result.fallback.tolist() == [False, True, True, True, False]
+    assert result.fallback.tolist() == [False, True, True, True, True]
     with pytest.raises(ModelError, match="bias model"):
         model.bias_ranking()
 
@@ -339,8 +354,8 @@ def test_dot_model_cold_start_is_by_popularity_and_seen_items_are_excluded(tmp_p
     cold = model.recommend(99, k=2)
     assert cold.fallback and cold.ids.tolist() == ["b", "a"] and cold.titles == ["B (2002)", "A (2001)"]
     np.testing.assert_array_equal(cold.scores, model.predict(99, ["b", "a"]).ratings)
-    # User 30 rated b, c, d: only a and e remain.
-    assert sorted(model.recommend(30, k=10).ids.tolist()) == ["a", "e"]
+    # User 30 rated b, c, d: only a remains (e was never trained: it is never recommended).
+    assert model.recommend(30, k=10).ids.tolist() == ["a"]
 
 
 # ------------------------------------------------------------------------------ CLIs

@@ -386,7 +386,7 @@ def test_a_stalled_epoch_dumps_every_stack_and_exits_3(tmp_path):
 import time
 from jaxcf import config, data, trainer
 
-cfg = config.load("bias.yaml", ["train.epochs=3", "model.n_factors=2", "train.stall_seconds=2"])
+cfg = config.load("bias.yaml", ["train.epochs=3", "model.n_factors=2", "train.stall_seconds=10"])
 dataset = data.load(cfg.data, cfg.seed)
 real = trainer.build_family
 
@@ -401,7 +401,7 @@ def stalling(*args, **kwargs):
     return family
 
 trainer.build_family = stalling
-trainer.fit(cfg, dataset, workdir={str(tmp_path / "run")!r}, quiet=True)
+trainer.fit(cfg, dataset, workdir={str(tmp_path / "run")!r}, quiet=True, on_stall="exit")  # as the CLI does
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 3, done.stderr[-2000:]
@@ -411,3 +411,36 @@ trainer.fit(cfg, dataset, workdir={str(tmp_path / "run")!r}, quiet=True)
                                                                for line in lines[1:])
     # The epoch before the stall was checkpointed: the run can continue.
     assert (tmp_path / "run" / "checkpoints" / "1" / "MANIFEST").is_file()
+
+
+def test_a_stall_in_jaxcf_fit_raises_and_never_ends_the_caller(tmp_path):
+    """From Python the watchdog raises TrainingStalled in the caller's thread; the interpreter lives on."""
+    script = """
+import time
+import jaxcf
+from jaxcf import trainer
+
+real = trainer.build_family
+
+def stalling(*args, **kwargs):
+    family = real(*args, **kwargs)
+    family_epoch = family.epoch
+    def epoch(state, number):
+        if number == 1:
+            for _ in range(6000):  # 10 minutes of Python that makes no progress
+                time.sleep(0.1)
+        return family_epoch(state, number)
+    family.epoch = epoch
+    return family
+
+trainer.build_family = stalling
+try:
+    jaxcf.fit(None, overrides=["train.epochs=3", "model.n_factors=2", "train.stall_seconds=10"], quiet=True)
+except jaxcf.TrainingStalled as err:
+    print("raised:", err)
+print("the interpreter lives on")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("raised: epoch 2 made no progress for") and lines[-1] == "the interpreter lives on"

@@ -197,11 +197,13 @@ print(len(compiles))
 """
 
 
-def test_warm_up_compiles_what_the_first_requests_use(tmp_path):
-    """After ``warm_up`` the first request to every route compiles nothing (no 100 ms first answer);
-    without it the same requests do compile, so the count below can fail."""
-    workdir = tmp_path / "bias"
-    assert train.main(["--config", "bias.yaml", "--workdir", str(workdir), "--quiet", "--set", "train.epochs=1",
+@pytest.mark.parametrize("config", ["bias.yaml", "ials.yaml"])
+def test_warm_up_compiles_what_the_first_requests_use(tmp_path, config):
+    """After ``warm_up`` the first request to every route compiles nothing (no 100 ms first answer), for a
+    rating model and an implicit one (whose fold-in solves only ratings at its threshold: the warm-up must
+    use such ratings); without it the same requests do compile, so the count below can fail."""
+    workdir = tmp_path / "model"
+    assert train.main(["--config", config, "--workdir", str(workdir), "--quiet", "--set", "train.epochs=1",
                        "model.n_factors=8"]) == 0
     counts = {}
     for mode in ("cold", "warm"):

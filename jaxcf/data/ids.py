@@ -79,16 +79,15 @@ def canonical_ids(values: Any) -> np.ndarray:
 
 
 def _text_of(value: Any) -> str:
-    """How a non-text id is written: integers as digits, floats as their shortest repr."""
+    """How a non-text id is written: integers as digits, floats as their shortest repr (``1.0``)."""
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value))
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     if isinstance(value, (float, np.floating)):
-        number = float(value)
-        if number.is_integer() and abs(number) <= _FLOAT_EXACT:
-            return str(int(number))
-        return repr(number)
+        # As a float column that is not all integers is kept (repr: 1.0 -> "1.0"), so the id 1.0 of
+        # such a column is found by the float 1.0 and by the text "1.0".
+        return repr(float(value))
     return str(value)
 
 
@@ -117,7 +116,12 @@ def _str_key(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, (str, np.str_)):
-        return str(value)
+        text = str(value)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: no id (ids are UTF-8 text) is named by it
+            return None
+        return text
     if isinstance(value, (int, np.integer, float, np.floating, bool, np.bool_)):
         return _text_of(value)
     return None

@@ -191,6 +191,47 @@ def ratings_from_columns(
             raise DataError(
                 f"{source}: missing {col} id in data row {row + 1}; every rating needs a user and an item id"
             )
+    ratings = rating_values(ratings_raw, source, rating_col, rating_range)
+    user_codes, user_uniques = pd.factorize(_ids(users_raw, source, user_col))
+    item_codes, item_uniques = pd.factorize(_ids(items_raw, source, item_col))
+    return Ratings(
+        users=user_codes.astype(np.int32),
+        items=item_codes.astype(np.int32),
+        ratings=ratings.astype(np.float32),
+        user_ids=IdMap(_id_array(user_uniques)),
+        item_ids=IdMap(_id_array(item_uniques)),
+        source=source,
+        sha256=sha256,
+    )
+
+
+def _ids(values, source: str, col: str) -> np.ndarray:
+    """``canonical_ids`` of a column, with text that is not valid Unicode refused as bad data."""
+    try:
+        return canonical_ids(values)
+    except UnicodeEncodeError:
+        texts = [str(v) for v in (values.to_pylist() if hasattr(values, "to_pylist") else list(values))]
+        row = next(k for k, text in enumerate(texts) if not _encodable(text))
+        raise DataError(f"{source}: the {col} id in data row {row + 1} is not valid Unicode text (a lone surrogate); "
+                        "ids must be UTF-8 text") from None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def rating_values(ratings_raw, source: str, rating_col: str = "rating",
+                  rating_range: tuple[float, float] | None = None) -> np.ndarray:
+    """float64[n]: a rating column checked as training checks it: numbers (not booleans, not text), finite,
+    inside ``rating_range`` when one is given. Fold-in and evaluation read ratings through this too.
+
+    Raises:
+      DataError: naming the first offending row.
+    """
     if isinstance(ratings_raw, (pa.Array, pa.ChunkedArray)):
         ratings_raw = ratings_raw.to_numpy(zero_copy_only=False)
     ratings = ratings_raw.to_numpy() if isinstance(ratings_raw, pd.Series) else np.asarray(ratings_raw)
@@ -199,7 +240,7 @@ def ratings_from_columns(
         bad = np.isnan(as_numbers) & ~pd.isna(ratings)
         row = int(np.argmax(bad)) if bad.any() else 0
         raise DataError(
-            f"{source}: column {rating_col!r} is not numeric (data row {row + 1}: {ratings[row]!r}); "
+            f"{source}: column {rating_col!r} is not numeric (data row {row + 1}: {_plain(ratings[row])!r}); "
             "ratings must be numbers"
         )
     ratings = ratings.astype(np.float64)
@@ -218,17 +259,12 @@ def ratings_from_columns(
                 f"{source}: rating {ratings[row].item()!r} in data row {row + 1} is outside data.rating_range "
                 f"[{low}, {high}]; fix the file or the declared range"
             )
-    user_codes, user_uniques = pd.factorize(canonical_ids(users_raw))
-    item_codes, item_uniques = pd.factorize(canonical_ids(items_raw))
-    return Ratings(
-        users=user_codes.astype(np.int32),
-        items=item_codes.astype(np.int32),
-        ratings=ratings.astype(np.float32),
-        user_ids=IdMap(_id_array(user_uniques)),
-        item_ids=IdMap(_id_array(item_uniques)),
-        source=source,
-        sha256=sha256,
-    )
+    return ratings
+
+
+def _plain(value):
+    """A NumPy scalar as the Python value it holds (``True``, not ``np.True_``), for messages."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def timestamps_from(values, source: str, col: str) -> np.ndarray:
@@ -327,6 +363,18 @@ def frame_sha256(users: np.ndarray, items: np.ndarray, ratings: np.ndarray) -> s
     return digest.hexdigest()
 
 
+def column_problem(frame: pd.DataFrame, wanted: Sequence[str]) -> str | None:
+    """What is wrong with a frame's columns for ``wanted`` (missing, or named twice), or None."""
+    missing = [c for c in wanted if c not in frame.columns]
+    if missing:
+        shown = ", ".join(map(str, list(frame.columns)[:8])) or "(none)"
+        return f"missing column(s) {', '.join(map(str, missing))}; it has: {shown}"
+    twice = [c for c in wanted if int((frame.columns == c).sum()) > 1]
+    if twice:
+        return f"column(s) {', '.join(map(str, twice))} appear more than once; name each column once"
+    return None
+
+
 def ratings_from_frame(
     frame: pd.DataFrame,
     user_col: str = "userId",
@@ -345,13 +393,10 @@ def ratings_from_frame(
     if not isinstance(frame, pd.DataFrame):
         raise DataError(f"expected a pandas DataFrame or a path to a CSV; got {type(frame).__name__}")
     wanted = (user_col, item_col, rating_col) + ((timestamp_col,) if timestamp_col else ())
-    missing = [c for c in wanted if c not in frame.columns]
-    if missing:
-        shown = ", ".join(map(str, list(frame.columns)[:8])) or "(none)"
-        raise DataError(
-            f"{source}: missing column(s) {', '.join(missing)}; it has: {shown}. "
-            "Set data.user_col / data.item_col / data.rating_col (data.timestamp_col) to match"
-        )
+    problem = column_problem(frame, wanted)
+    if problem:
+        raise DataError(f"{source}: {problem}. Set data.user_col / data.item_col / data.rating_col "
+                        "(data.timestamp_col) to match")
     table = ratings_from_columns(
         frame[user_col], frame[item_col], frame[rating_col], source=source, sha256="",
         rating_range=rating_range, names=(user_col, item_col, rating_col),

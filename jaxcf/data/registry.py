@@ -33,16 +33,16 @@ import pandas as pd
 
 from jaxcf.data import download
 from jaxcf.data.download import Archive
+from jaxcf.data.files import from_parts, train_split
 from jaxcf.data.ratings import (
     Ratings,
     file_sha256,
     load_csv,
     ratings_from_columns,
-    ratings_from_frame,
     read_table,
     timestamps_from,
 )
-from jaxcf.data.splits import Split, holdout_split, leave_last_split, random_split
+from jaxcf.data.splits import Split, holdout_split, random_split
 from jaxcf.errors import DataError
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
@@ -50,7 +50,8 @@ BUNDLED_DIR = Path(__file__).parent / "bundled"
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A ratings table, its split and, when known, item metadata (raw id -> title)."""
+    """A ratings table, its split (training, validation and test rows) and, when known, item metadata
+    (raw id -> title)."""
 
     ratings: Ratings
     split: Split
@@ -70,6 +71,7 @@ class Dataset:
             "split": self.split.name,
             "num_train": len(self.split.train),
             "num_valid": len(self.split.valid),
+            "num_test": len(self.split.test),
             "implicit_threshold": self.implicit_threshold,
         }
 
@@ -165,7 +167,9 @@ def _ml_100k(split: str | None, valid_fraction: float, seed: int, rating_range) 
     key = frame["user"].to_numpy() * 10_000 + frame["item"].to_numpy()
     test_key = test["user"].to_numpy() * 10_000 + test["item"].to_numpy()
     mask = np.isin(key, test_key)
-    return Dataset(ratings, Split(np.flatnonzero(~mask), np.flatnonzero(mask), name=split), titles)
+    # The fold's .test part is a test set: scored and recorded as test_*, never used to choose anything.
+    return Dataset(ratings, Split(np.flatnonzero(~mask), np.zeros(0, np.int64), name=split,
+                                  test=np.flatnonzero(mask)), titles)
 
 
 # ------------------------------------------------------------------------------ downloaded
@@ -283,32 +287,30 @@ DATASETS: dict[str, Loader] = {
 }
 
 
-def from_frame(frame, data_config, seed: int) -> Dataset:
-    """A Dataset from a pandas DataFrame: ``data_config``'s column names, checks and random split.
+def from_frame(frame, data_config, seed: int, *, valid=None, test=None) -> Dataset:
+    """A Dataset from a pandas DataFrame (or a CSV path: the training part), with optional validation and test parts
+    (DataFrames or CSV paths; by default ``data.valid_path`` and ``data.test_path``): the config's column
+    names and checks (``jaxcf.data.files``).
 
     Raises:
       DataError: as for a CSV file.
     """
     if data_config.split is not None:
         raise DataError("data.split names a predefined split of a registry dataset; it cannot be used with a DataFrame")
-    ratings = ratings_from_frame(
-        frame, data_config.user_col, data_config.item_col, data_config.rating_col,
-        rating_range=data_config.rating_range, timestamp_col=_timestamp_col(data_config),
-    )
-    return _leave_last(Dataset(ratings, random_split(len(ratings), data_config.valid_fraction, seed)), data_config)
-
-
-def _timestamp_col(data_config) -> str | None:
-    return data_config.timestamp_col if data_config.leave_last else None
+    valid = valid if valid is not None else data_config.valid_path
+    test = test if test is not None else data_config.test_path
+    ratings, split = from_parts(frame, valid, test, data_config, seed)
+    return Dataset(ratings, split)
 
 
 def _leave_last(dataset: Dataset, data_config) -> Dataset:
-    """The dataset with ``data.leave_last``'s split when it is set (``jaxcf.data.splits.leave_last_split``)."""
-    k = data_config.leave_last
-    if not k:
+    """The dataset with ``data.leave_last``'s split of its training rows when it is set (its test rows stay)."""
+    if not data_config.leave_last:
         return dataset
-    split = leave_last_split(dataset.ratings.users, dataset.ratings.timestamps, k, dataset.ratings.source)
-    return dataclasses.replace(dataset, split=split)
+    ratings, split = dataset.ratings, dataset.split
+    rows = np.sort(np.concatenate([split.train, split.valid]))
+    chosen = train_split(ratings.users, ratings.timestamps, rows, data_config, 0, ratings.source)
+    return dataclasses.replace(dataset, split=dataclasses.replace(chosen, test=split.test))
 
 
 def holdout(dataset: Dataset, fraction: float, seed: int) -> Dataset:
@@ -320,7 +322,9 @@ def holdout(dataset: Dataset, fraction: float, seed: int) -> Dataset:
 def load(data_config, seed: int) -> Dataset:
     """Loads the dataset a ``DataConfig`` names (``path`` overrides ``name``) and splits it.
 
-    Downloadable datasets are fetched into the cache on first use (``jaxcf.data.download``).
+    With ``data.path``, ``data.valid_path`` and ``data.test_path`` give the validation and test parts
+    (``jaxcf.data.files``). Downloadable datasets are fetched into the cache on first use
+    (``jaxcf.data.download``).
 
     Raises:
       DataError: unknown names, unreadable or invalid files, impossible splits, failed downloads.
@@ -330,11 +334,12 @@ def load(data_config, seed: int) -> Dataset:
             raise DataError(
                 "data.split names a predefined split of a registry dataset; it cannot be used with data.path"
             )
-        ratings = load_csv(
-            data_config.path, data_config.user_col, data_config.item_col, data_config.rating_col,
-            rating_range=data_config.rating_range, timestamp_col=_timestamp_col(data_config),
-        )
-        return _leave_last(Dataset(ratings, random_split(len(ratings), data_config.valid_fraction, seed)), data_config)
+        ratings, split = from_parts(data_config.path, data_config.valid_path, data_config.test_path, data_config,
+                                    seed)
+        return Dataset(ratings, split)
+    if data_config.valid_path is not None or data_config.test_path is not None:
+        raise DataError("data.valid_path and data.test_path go with your own training file: set data.path to it "
+                        f"(data.name {data_config.name!r} is a bundled or downloaded dataset)")
     loader = DATASETS.get(data_config.name)
     if loader is None:
         raise DataError(

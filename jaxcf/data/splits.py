@@ -1,4 +1,9 @@
-"""Which rows train and which validate: the notebook's random split, and a holdout of the training rows.
+"""Which rows train, which validate and which test: the notebook's random split, leave-last-k-out, and a
+holdout of the training rows.
+
+Three roles. **Training** rows fit the model. **Validation** rows are scored after every epoch and may
+choose things (early stopping's epoch, hyper-parameters). **Test** rows are scored and recorded
+(``test_*``) but never choose anything. Any part may be empty but training.
 
 What does not live here: reading tables (``jaxcf.data.ratings``), predefined splits of a named
 dataset (``jaxcf.data.registry``).
@@ -15,11 +20,12 @@ from jaxcf.errors import DataError
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Row indices (into a Ratings table) of the training and validation parts, in file order."""
+    """Row indices (into a Ratings table) of the training, validation and test parts, in file order."""
 
     train: np.ndarray
     valid: np.ndarray
     name: str = "random"
+    test: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def random_split(num_ratings: int, valid_fraction: float, seed: int) -> Split:
@@ -28,11 +34,16 @@ def random_split(num_ratings: int, valid_fraction: float, seed: int) -> Split:
     Validation is the first ``int(n * valid_fraction)`` entries of
     ``np.random.RandomState(seed).permutation(n)``. Both parts keep file order, as the notebook's
     boolean ``mask`` does. (The notebook wrote ``np.random.seed = 42``, which assigns to the
-    attribute instead of calling it, so its own split was unseeded.)
+    attribute instead of calling it, so its own split was unseeded.) ``valid_fraction`` 0 trains on
+    every row and validates nothing.
 
     Raises:
-      DataError: when either part would be empty.
+      DataError: when the training part, or a validation part that was asked for, would be empty.
     """
+    if valid_fraction == 0:
+        if num_ratings < 1:
+            raise DataError("no ratings to train on")
+        return Split(train=np.arange(num_ratings), valid=np.zeros(0, np.int64), name="all")
     num_valid = int(num_ratings * valid_fraction)
     if num_valid < 1 or num_ratings - num_valid < 1:
         raise DataError(
@@ -48,7 +59,7 @@ def random_split(num_ratings: int, valid_fraction: float, seed: int) -> Split:
 def holdout_split(split: Split, fraction: float, seed: int) -> Split:
     """``split`` with its validation rows replaced by a random ``fraction`` of its training rows.
 
-    The real validation rows are dropped entirely, so choices made on this split never see them.
+    The real validation and test rows are dropped entirely, so choices made on this split never see them.
 
     Raises:
       DataError: when the fraction leaves either part empty.
@@ -62,6 +73,25 @@ def holdout_split(split: Split, fraction: float, seed: int) -> Split:
     inner = np.sort(train_rows[permutation[size:]])
     held = np.sort(train_rows[permutation[:size]])
     return Split(inner, held, name=f"{split.name}-holdout{fraction:g}")
+
+
+def with_test(split: Split, test: np.ndarray) -> Split:
+    """``split`` with ``test`` as its test rows."""
+    return dataclasses.replace(split, test=np.asarray(test, np.int64))
+
+
+def subset(split: Split, rows: np.ndarray) -> Split:
+    """The split restricted to a subset of the table's rows (``rows``, ascending), renumbered: row
+    ``rows[k]`` becomes ``k``; each part keeps the rows it had."""
+    position = np.full(int(rows.max()) + 1 if len(rows) else 0, -1, np.int64)
+    position[rows] = np.arange(len(rows))
+
+    def part(indices: np.ndarray) -> np.ndarray:
+        indices = indices[indices < len(position)]
+        mapped = position[indices]
+        return mapped[mapped >= 0]
+
+    return Split(part(split.train), part(split.valid), split.name, part(split.test))
 
 
 def leave_last_split(users: np.ndarray, timestamps: np.ndarray | None, k: int, source: str = "the data") -> Split:
