@@ -3,7 +3,7 @@
     python bench/fallback.py [--json results/fallback.json]
 
 Trains ``configs/bias.yaml`` (in memory), then scores every validation rating of the bundled split as
-if its user, its item, or both were unknown, with the policy of ``jaxcf.fallback`` (the model's mean
+if its user, its item, or both were unknown, with the policy of ``jaxcf.core.fallback`` (the model's mean
 prediction over the known side's training pairs) and with Surprise's literal "known terms only"
 (``sigmoid(known bias)`` scaled to the range; the midpoint when both are unknown). For scale: the
 model itself with both ids known, and a constant mean training rating.
@@ -27,13 +27,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from jaxcf import config, data, trainer
-    from jaxcf.inference import Model
+    from jaxcf import config, data
+    from jaxcf.serving.inference import Model
+    from jaxcf.training import api
 
     cfg = config.load("bias.yaml")
     dataset = data.load(cfg.data, cfg.seed)
     with open(os.devnull, "w") as silent:
-        model = Model(trainer.fit(cfg, dataset, quiet=True, out=silent).export())
+        model = Model(api.run(cfg, dataset, quiet=True, out=silent).export())
     r, valid, train = dataset.ratings, dataset.split.valid, dataset.split.train
     users, items, y = r.users[valid], r.items[valid], r.ratings[valid].astype(np.float64)
     low, high = model.y_range

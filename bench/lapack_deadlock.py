@@ -7,7 +7,7 @@ independent branches, each like one side of a Gibbs sweep: a gamma draw (a rejec
 XLA while loop), a batched Cholesky factorisation of 1,000 20x20 matrices, and three batched
 triangular solves. With ``--solver lapack`` they are ``jnp.linalg.cholesky`` and
 ``jax.scipy.linalg.solve_triangular``, which jaxlib runs on CPU as ``lapack_spotrf_ffi`` /
-``lapack_strsm_ffi`` custom calls; with ``--solver jaxcf`` they are ``jaxcf.linalg``'s plain XLA ops.
+``lapack_strsm_ffi`` custom calls; with ``--solver jaxcf`` they are ``jaxcf.core.linalg``'s plain XLA ops.
 
 Why the first hangs: XLA:CPU runs an asynchronous while loop's continuation, and independent thunks,
 on the workers of its intra-op pool (``tf_XLAEigen``, one per core). A batched LAPACK FFI kernel cuts
@@ -40,7 +40,7 @@ import jax, jax.numpy as jnp, numpy as np
 solver, calls = sys.argv[1], int(sys.argv[2])
 B, F, BRANCHES = 1000, 20, 4
 if solver == "jaxcf":
-    from jaxcf import linalg
+    from jaxcf.core import linalg
     chol_fn = linalg.cholesky
     def solves(chol, r):
         return linalg.cho_solve(chol, r) + linalg.solve_lower_transpose(chol, r)

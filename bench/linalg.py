@@ -1,9 +1,9 @@
-"""The batched F x F Cholesky and solves of ``jaxcf.linalg``, and the exact iALS sweep, old and new way.
+"""The batched F x F Cholesky and solves of ``jaxcf.core.linalg``, and the exact iALS sweep, old and new way.
 
     python bench/linalg.py [--repeats 3] [--json results/linalg.json]
 
 On 9,066 random systems (F x F each, ``X'X + 10 I``), for F in 32, 64, 128: the median seconds of
-``jaxcf.linalg.cholesky`` against its unblocked form (one column per step), of ``cho_solve`` (forward
+``jaxcf.core.linalg.cholesky`` against its unblocked form (one column per step), of ``cho_solve`` (forward
 and back substitution one entry per step) against ``cho_solve_blocked``, and of both steps on chunks
 of 32 systems at a time (``lax.map``), as the iALS sweep runs them; each compiled once before timing.
 Then one whole exact iALS sweep (``configs/ials.yaml``, F = 128, ml-latest-small's implicit protocol)
@@ -42,7 +42,7 @@ def timed(function, *args, repeats: int) -> float:
 
 
 def in_chunks(a, b):
-    from jaxcf import linalg
+    from jaxcf.core import linalg
 
     return jax.lax.map(lambda pair: linalg.cho_solve_blocked(linalg.cholesky(pair[0]), pair[1]), (a, b),
                        batch_size=32)
@@ -53,7 +53,7 @@ def dense_sweep(cfg, dataset, state, repeats: int) -> tuple[float, float]:
     normal equations from the dense count matrix, the whole batch factored and solved at once
     (``ials.make_sides(..., mesh=True)``). Returns its median seconds and the largest difference from
     the current sweep's rows, from the same state."""
-    from jaxcf import ials
+    from jaxcf.families.ials import fit as ials
 
     r, train = dataset.ratings, dataset.split.train
     users, items = r.users[train], r.items[train]
@@ -79,7 +79,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from jaxcf import config, data, ials, linalg
+    from jaxcf import config, data
+    from jaxcf.core import linalg
+    from jaxcf.families.ials import fit as ials
 
     load_before = machine.load_average()
     rows = {}

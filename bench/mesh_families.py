@@ -107,9 +107,11 @@ def _program(kind: str, mesh: str) -> dict:
     import jax
 
     from jaxcf import config as cfg
-    from jaxcf import distributed, gibbs, ials
+    from jaxcf.core import distributed
     from jaxcf.data import load as load_dataset
     from jaxcf.data.implicit import from_config as implicit_data
+    from jaxcf.families.bpmf import fit as gibbs
+    from jaxcf.families.ials import fit as ials
 
     data, model = map(int, mesh.split("x"))
     cases = _worker_cases()

@@ -4,7 +4,7 @@ seconds per epoch, one run each on the bundled split (the README's "adam vs adam
     python bench/optimizers.py [--json results/optimizers.json]
 
 Each row is ``python -m jaxcf.train --config configs/bias.yaml --set <overrides>`` run in this process
-through ``jaxcf.trainer.fit`` (the same code path), seed 42. ``epoch_s`` is the median of epochs 2-5
+through ``jaxcf.training.loop.fit`` (the same code path), seed 42. ``epoch_s`` is the median of epochs 2-5
 (validation included; the first compiles).
 """
 
@@ -35,7 +35,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    from jaxcf import config, trainer
+    from jaxcf import config
+    from jaxcf.training import api
 
     rows = []
     load_before = machine.load_average()
@@ -44,7 +45,7 @@ def main() -> int:
         sets = [o for o in overrides if not o.startswith("CONFIG=")]
         cfg = config.load(config_name, sets)
         with open(os.devnull, "w") as silent:
-            history = trainer.fit(cfg, quiet=True, out=silent).history
+            history = api.run(cfg, quiet=True, out=silent).history
         epochs = list({r["epoch"]: r for r in history}.values())
         row = {"setting": name, "config": config_name, "overrides": sets, "valid_rmse": history[-1]["valid_rmse"],
                "valid_rmse_per_epoch": [r["valid_rmse"] for r in epochs],

@@ -33,9 +33,9 @@ import torch.nn as nn
 
 from jaxcf import config as jconfig
 from jaxcf import data as jdata
-from jaxcf import metrics as jevaluate
-from jaxcf import sgd as jsgd
-from jaxcf import trainer as jtrainer
+from jaxcf.core import metrics as jevaluate
+from jaxcf.families.sgd import fit as jsgd
+from jaxcf.training import loop as jtrainer
 from reference_torch import notebook as nb
 from reference_torch import weights as W
 from reference_torch.train import build_model, build_optimizer
@@ -96,7 +96,7 @@ def run_case(name: str, dataset, data, epochs: int, seed: int) -> dict:
             "train_loss_torch": torch_row["train_loss"],
             "train_loss_jaxcf": record["train_loss"],
             "valid_rmse_torch": torch_rmse,
-            "valid_rmse_jaxcf": record["valid_rmse"],
+            "valid_rmse_jaxcf": record["valid_rmse_rows"],
             "valid_rmse_notebook_torch": math.sqrt(torch_row["val_loss"]),
             "valid_rmse_notebook_jaxcf": math.sqrt(record["valid_loss_notebook"]),
             "max_abs_prediction_diff": float(np.max(np.abs(torch_pred.astype(np.float64) - jax_pred))),

@@ -61,7 +61,7 @@ def score(dataset, users: np.ndarray, items: np.ndarray, only_trained_users: boo
     """
     import jax.numpy as jnp
 
-    from jaxcf import ranking
+    from jaxcf.core import ranking
 
     r, split = dataset.ratings, dataset.split
     users, items = np.asarray(users, np.float64), np.asarray(items, np.float64)
@@ -110,7 +110,8 @@ def implicit_checkpoints(matrix, start, factors, alpha, reg, dtype, use_cg) -> d
 def jaxcf_checkpoints(dataset, start, factors, alpha, reg, solver) -> dict:
     import jax.numpy as jnp
 
-    from jaxcf import config, ials
+    from jaxcf import config
+    from jaxcf.families.ials import fit as ials
 
     cfg = config.load("bias.yaml", ["model.kind=ials", f"model.n_factors={factors}", f"implicit.alpha={alpha}",
                                     f"implicit.regularization={reg}", "implicit.reg_exponent=0",
@@ -216,7 +217,8 @@ def run_case(dataset, matrix, name: str) -> dict:
 def run_ease(dataset) -> dict:
     import scipy.linalg
 
-    from jaxcf import config, ease
+    from jaxcf import config
+    from jaxcf.families.ease import fit as ease
 
     r, train = dataset.ratings, dataset.split.train
     users, items = r.users[train], r.items[train]

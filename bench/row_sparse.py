@@ -7,7 +7,7 @@ synthetic MovieLens-20M-shaped data, once with every table updated row-wise
 (``--dense-rows-per-id 0``) and once densely (``inf``), each in its own process, alternating. The
 result is the same either way (tested in ``tests/test_optim.py``); only the time differs. Reports
 wall and CPU seconds per epoch (medians of the epochs after the first) and the rows per batch entry
-of the user table, the quantity ``jaxcf.sparse.RowSparse.dense_rows_per_id`` thresholds (default 4).
+of the user table, the quantity ``jaxcf.core.sparse.RowSparse.dense_rows_per_id`` thresholds (default 4).
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ For each size, a fresh child process (so that peak RSS is per size) does what a 
    like ML-20M's ``ratings.csv``; the file is cached in ``--csv-dir`` and reused by later runs;
 2. read it with ``jaxcf.data.load_csv`` (pyarrow + ``pandas.factorize``), timed; at the end of
    the run its parts (sha256 of the file, pyarrow's read, conversion, factorize) are timed apart;
-3. split 80/20 as the notebook does, store the training rows by user (``jaxcf.steps.rows_by_user``),
+3. split 80/20 as the notebook does, store the training rows by user (``jaxcf.core.steps.rows_by_user``),
    and train the biased model (50 factors) with a row-sparse optimizer for ``--epochs`` epochs as
-   ``jaxcf.trainer.fit`` runs them: compilation is timed apart (ahead-of-time ``lower().compile()``);
-   each epoch draws its order on the host (``jaxcf.steps.shuffle_order``, timed as ``order_s``),
+   ``jaxcf.training.loop.fit`` runs them: compilation is timed apart (ahead-of-time ``lower().compile()``);
+   each epoch draws its order on the host (``jaxcf.core.steps.shuffle_order``, timed as ``order_s``),
    runs the compiled scan, and ends with the validation RMSE (not timed in the epoch).
 
 ``ratings_per_s`` is training ratings divided by the median wall seconds of the epochs after the
@@ -35,14 +35,14 @@ learns. (user, item) pairs may repeat; ``load_csv`` keeps each row as its own ra
 
 Why a batch of 262,144 by default: a row-sparse step costs a fixed part per batch (for tables a
 batch covers well, ``lazy_adam`` computes every row and keeps the untouched ones: see
-``jaxcf.sparse.RowSparse.dense_rows_per_id``) plus gathers and scatters per rating, so larger
+``jaxcf.core.sparse.RowSparse.dense_rows_per_id``) plus gathers and scatters per rating, so larger
 batches amortise the fixed part. Measured here at 5M ratings: 0.50M ratings/s at 262,144 against
 0.34M at 65,536 (load average about 5). Adam's step size does not grow with the batch, so the
 default learning rate is 1e-2 (not the notebook's 1e-3) to make two epochs at this batch size
 learn. This is a throughput benchmark of ``lazy_adam``, a different optimizer from the notebook's
 dense Adam; its RMSE figures are a sanity check, not a tuned result.
 
-What does not live here: the optimizers (``jaxcf.optim``) and the epoch (``jaxcf.train``).
+What does not live here: the optimizers (``jaxcf.core.optim``) and the epoch (``jaxcf.cli.train``).
 """
 
 from __future__ import annotations
@@ -144,8 +144,8 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxcf import metrics, models, optim, rng, sparse, steps
     from jaxcf.config import OptimConfig
+    from jaxcf.core import metrics, models, optim, rng, scoring, sparse, steps
     from jaxcf.data import load_csv, random_split
 
     start = time.perf_counter()
@@ -156,7 +156,7 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
 
     split = random_split(len(ratings), 0.2, args.seed)
     start = time.perf_counter()
-    train_rows = steps.rows_by_user(ratings.users, split.train)  # as jaxcf.sgd.make_setup stores them
+    train_rows = steps.rows_by_user(ratings.users, split.train)  # as jaxcf.families.sgd.make_setup stores them
     record["rows_by_user_s"] = time.perf_counter() - start
     valid_rows = split.valid
     record["num_train"], record["num_valid"] = len(train_rows), len(valid_rows)
@@ -173,7 +173,7 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
     if args.dense_rows_per_id is not None:
         optimizer = optimizer._replace(dense_rows_per_id=args.dense_rows_per_id)
     record["dense_rows_per_id"] = optimizer.dense_rows_per_id
-    model = models.build("bias", num_users, num_items, args.n_factors, y_range)
+    model = models.build(num_users, num_items, args.n_factors, y_range)
     params = models.init_params(model, jax.random.key(args.seed))
     state = steps.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
     dense_chunk = sparse.DENSE_CHUNK if args.dense_chunk is None else args.dense_chunk
@@ -202,7 +202,7 @@ def run_one(args: argparse.Namespace, num_ratings: int) -> dict:
         losses = np.asarray(losses)  # the epoch's one host sync
         epoch_s, epoch_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         start = time.perf_counter()
-        predictions = metrics.predict_pairs(state.params, valid[0], valid[1], y_range, chunk=1 << 20)
+        predictions = scoring.predict_pairs(state.params, valid[0], valid[1], y_range, chunk=1 << 20)
         valid_s = time.perf_counter() - start
         epochs.append({
             "epoch": epoch + 1,
@@ -307,9 +307,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--n-factors", type=positive_int, default=50)
     parser.add_argument("--dense-chunk", type=int, default=None,
-                        help="ratings per chunk of a dense row-sparse step (default jaxcf.steps.DENSE_CHUNK; 0: none)")
+                        help="ratings per chunk of a dense row-sparse step (default jaxcf.core.sparse.DENSE_CHUNK; "
+                        "0: none)")
     parser.add_argument("--dense-rows-per-id", type=float, default=None,
-                        help="jaxcf.sparse.RowSparse.dense_rows_per_id (default: the optimizer's; 0: every table "
+                        help="jaxcf.core.sparse.RowSparse.dense_rows_per_id (default: the optimizer's; 0: every table "
                              "row-wise, inf: every table dense)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--csv-dir", default=os.path.join(tempfile.gettempdir(), "jaxcf-bench-scale"),

@@ -7,12 +7,12 @@ For each device count ``k`` a child process starts with ``XLA_FLAGS=--xla_force_
 (JAX fixes its devices at start-up) and, for each optimizer, trains the biased model (50 factors)
 on the bundled ml-latest-small ratings under every mesh of ``k`` devices that this script measures:
 
-``1x1``  one device, the unsharded program (``jaxcf.steps.make_train_epoch``), the baseline;
+``1x1``  one device, the unsharded program (``jaxcf.core.steps.make_train_epoch``), the baseline;
 ``kx1``  pure data parallel: every device holds the whole tables and ``1/k`` of each batch;
 ``1xk``  pure model parallel: every device holds ``1/k`` of every table and the whole batch.
 
 One epoch is the first ``--ratings`` positions of the seeded shuffle (256 batches of 64 by
-default), as ``jaxcf.trainer.fit`` would run them: for a mesh that includes building the batches on
+default), as ``jaxcf.training.loop.fit`` would run them: for a mesh that includes building the batches on
 the host (``distributed.ShardedEpoch.batches``), timed separately as ``host_batches_s``. Compilation
 is timed apart (ahead-of-time ``lower().compile()``). ``ratings_per_s`` is ratings over the median
 epoch time of the epochs after the first. ``state_bytes_per_device`` is the largest amount of
@@ -26,7 +26,7 @@ collectives XLA inserts (an all-reduce of gathered rows over ``model``, of table
 ``data``) and their synchronisation, per batch. On a multi-GPU host the same program splits the
 work over real devices.
 
-What does not live here: the mesh code (``jaxcf.distributed``), correctness checks
+What does not live here: the mesh code (``jaxcf.core.distributed``), correctness checks
 (``tests/test_distributed.py``).
 """
 
@@ -64,7 +64,8 @@ def measure(args: argparse.Namespace, dataset, optimizer: str, data: int, model:
     import jax.numpy as jnp
 
     from jaxcf import config as cfg
-    from jaxcf import distributed, rng, sgd, steps
+    from jaxcf.core import distributed, rng, steps
+    from jaxcf.families.sgd import fit as sgd
 
     config = cfg.load("bias.yaml", [
         f"optim.name={optimizer}", f"train.batch_size={args.batch_size}", f"mesh.data={data}", f"mesh.model={model}",

@@ -8,7 +8,7 @@ ratings whose users follow the same log-normal activity and whose items the same
 Each part is one jitted function, timed after a warm-up call (median of ``--repeats``):
 
 - the gather of the batch's rows from each table, with the batch in random order and with its
-  positions in ascending order (what ``jaxcf.steps.shuffle_order`` gives, with training rows
+  positions in ascending order (what ``jaxcf.core.steps.shuffle_order`` gives, with training rows
   stored by user: the users of a batch then ascend);
 - the scatter-add of the batch's row gradients into a table-sized buffer, the same two ways;
 - the dense Adam pass over the user table (what ``lazy_adam`` does per step at this batch size);
@@ -17,7 +17,7 @@ Each part is one jitted function, timed after a warm-up call (median of ``--repe
   ``shuffle_order`` (which adds the per-batch sort, timed alone too), and the device-side take of
   one column by the order (random, and batch-sorted).
 
-What does not live here: the step itself (``jaxcf.sparse.make_packed_step``).
+What does not live here: the step itself (``jaxcf.core.sparse.make_packed_step``).
 """
 
 from __future__ import annotations
@@ -109,12 +109,12 @@ def main(argv=None) -> int:
     order["jax.random.permutation, 16M"] = median_ms(permute, key, repeats=few)
     generator = np.random.default_rng(1)
     order["NumPy Generator.permutation, 16M"] = host_ms(lambda: generator.permutation(NUM_TRAIN), few)
-    from jaxcf import steps
+    from jaxcf.core import steps
 
-    order["bucketed permutation (jaxcf.steps._permutation), 16M"] = host_ms(
+    order["bucketed permutation (jaxcf.core.steps._permutation), 16M"] = host_ms(
         lambda: steps._permutation(generator, NUM_TRAIN), few
     )
-    order["jaxcf.steps.shuffle_order, 16M"] = host_ms(
+    order["jaxcf.core.steps.shuffle_order, 16M"] = host_ms(
         lambda: steps.shuffle_order(key, 0, NUM_TRAIN, args.batch_size), few
     )
     perm = generator.permutation(NUM_TRAIN).astype(np.int32)

@@ -11,8 +11,8 @@ Two measurements, both on the same config, the same K seeds and the same number 
   child processes) of each; process start, imports, data loading and compilation are included, as
   they are for a user.
 - **Training alone** (steady state, compiled, in this process): the median time of one epoch of
-  ``jaxcf.steps.make_train_epoch`` (one model) against one epoch of
-  ``jaxcf.steps.make_members_epoch`` with K members, and the compile time of each
+  ``jaxcf.core.steps.make_train_epoch`` (one model) against one epoch of
+  ``jaxcf.core.steps.make_members_epoch`` with K members, and the compile time of each
   (``lower().compile()``).
 
 Other processes on the machine skew wall times: the load average is recorded before and after, and
@@ -76,7 +76,10 @@ def time_epochs(config_name: str, models: int, overrides: list[str], repeats: in
     import jax.numpy as jnp
 
     from jaxcf import config as jconfig
-    from jaxcf import data, members, sgd, steps
+    from jaxcf import data
+    from jaxcf.core import steps
+    from jaxcf.families.sgd import fit as sgd
+    from jaxcf.families.sgd import members
 
     config = jconfig.load(config_name, overrides)
     dataset = data.load(config.data, config.seed)

@@ -2,7 +2,7 @@
 
     python bench/vs_implicit.py [--datasets ml-latest-small,ml-100k] [--json results/vs_implicit.json]
 
-The protocol (``jaxcf.data.implicit``, ``jaxcf.ranking.implicit_metrics``): interactions are the
+The protocol (``jaxcf.data.implicit``, ``jaxcf.core.ranking.implicit_metrics``): interactions are the
 ratings of at least 4 stars; test = the first 20% of ``RandomState(42).permutation`` over them;
 candidates are the items with a training interaction minus the user's training items. Every model
 below is scored by the same ``implicit_metrics`` on the same split, from its own factors.
@@ -56,7 +56,7 @@ def protocol(name: str):
 
 
 def score_factors(dataset, users: np.ndarray, items: np.ndarray) -> dict:
-    from jaxcf import implicit_family
+    from jaxcf.families import _implicit as implicit_family
 
     return implicit_family.metrics(dataset, {"user_embedding": users.astype(np.float32),
                                              "item_embedding": items.astype(np.float32)})
@@ -99,12 +99,13 @@ def implicit_bpr(dataset, factors, learning_rate, regularization, iterations):
 
 
 def jaxcf_model(dataset, config_name: str, name: str, overrides=()) -> tuple[dict, object]:
-    from jaxcf import config, trainer
+    from jaxcf import config
+    from jaxcf.training import api
 
     cfg = config.load(config_name, [f"data.name={name}", *overrides])
     start = time.perf_counter()
     with open(os.devnull, "w") as silent:
-        trained = trainer.fit(cfg, dataset, quiet=True, out=silent)
+        trained = api.run(cfg, dataset, quiet=True, out=silent)
     seconds = time.perf_counter() - start
     record = trained.history[-1]
     return {"fit_s": seconds, **{k: v for k, v in record.items() if "@" in k or k in (

@@ -16,7 +16,7 @@ What is timed, each at least ``--repeats`` times (medians reported):
   with PyTorch on one intra-op thread (``torch.set_num_threads(1)``, ``OMP_NUM_THREADS=1``) instead
   of its default (one per core). ``speedup`` is against the fastest of the four settings;
   ``speedups`` lists each.
-- ``jax_epoch_s``: one epoch of ``jaxcf.trainer.fit`` (one compiled ``lax.scan`` over the epoch, one host
+- ``jax_epoch_s``: one epoch of ``jaxcf.training.loop.fit`` (one compiled ``lax.scan`` over the epoch, one host
   sync, then the validation and the metrics), epochs after the first; on JAX's default backend.
 - ``*_train_s``: the same without the validation (jaxcf's own ``train_seconds``; for torch, the epoch
   minus a separately timed ``validate`` call).
@@ -57,7 +57,10 @@ def time_jaxcf(repeats: int) -> dict:
     import jax
 
     from jaxcf import config as jconfig
-    from jaxcf import data, sgd, steps, trainer
+    from jaxcf import data
+    from jaxcf.core import steps
+    from jaxcf.families.sgd import fit as sgd
+    from jaxcf.training import api
 
     config = jconfig.load("bias.yaml", ["optim.name=adam", f"train.epochs={repeats + 1}"])
     dataset = data.load(config.data, config.seed)
@@ -79,7 +82,7 @@ def time_jaxcf(repeats: int) -> dict:
     compile_s = time.perf_counter() - start
 
     with open(os.devnull, "w") as silent:
-        records = trainer.fit(config, dataset, quiet=True, out=silent).history
+        records = api.run(config, dataset, quiet=True, out=silent).history
     later = records[1:]  # the first epoch also compiles
     return {
         "jax_epoch_s": statistics.median(r["seconds"] for r in later),

@@ -7,7 +7,8 @@ use: training brings optax and orbax, which loading a model and predicting never
 __version__ = "0.2.0"
 
 from jaxcf.config import Config
-from jaxcf.errors import (
+from jaxcf.core.cache import enable_compilation_cache
+from jaxcf.core.errors import (
     CheckpointError,
     ConfigError,
     DataError,
@@ -18,13 +19,13 @@ from jaxcf.errors import (
     UnknownIdError,
     WorkdirError,
 )
-from jaxcf.inference import Model, Predictions, Ranking, load_model
-from jaxcf.models import EmbeddingDot, EmbeddingDotBias
+from jaxcf.core.models import EmbeddingDot, EmbeddingDotBias
+from jaxcf.serving.inference import Model, Predictions, Ranking, load_model
 
 
 def __getattr__(name: str):
     if name == "fit":  # the training stack, imported only when asked for (see the module docstring)
-        from jaxcf.api import fit
+        from jaxcf.training.api import fit
 
         return fit
     raise AttributeError(f"module 'jaxcf' has no attribute {name!r}")
@@ -47,6 +48,7 @@ __all__ = [
     "UnknownIdError",
     "WorkdirError",
     "__version__",
+    "enable_compilation_cache",
     "fit",
     "load_model",
 ]

@@ -27,8 +27,11 @@ import jax
 import numpy as np
 
 from jaxcf import config as cfg
-from jaxcf import distributed, rng, sgd, steps, train, trainer
+from jaxcf.cli import train
+from jaxcf.core import distributed, rng, steps
 from jaxcf.data import load as load_dataset
+from jaxcf.families.sgd import fit as sgd
+from jaxcf.training import loop as trainer
 
 # Training rows used per epoch by the cases: 39 full batches of 64 and a partial one of 4.
 SUBSET = 2500

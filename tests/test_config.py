@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from jaxcf import config as cfg
-from jaxcf.train import main
+from jaxcf.cli.train import main
 
 
 def test_defaults_match_the_notebook():

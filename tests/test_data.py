@@ -9,8 +9,8 @@ import pytest
 
 from jaxcf import config as cfg
 from jaxcf import data
+from jaxcf.cli.train import main
 from jaxcf.data import registry
-from jaxcf.train import main
 
 SHARED = registry.BUNDLED_DIR
 

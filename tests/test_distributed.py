@@ -1,4 +1,4 @@
-"""Sharded and multi-process training (``jaxcf.distributed``): every mesh gives the single-device result.
+"""Sharded and multi-process training (``jaxcf.core.distributed``): every mesh gives the single-device result.
 
 The mesh runs need several devices, and JAX fixes its device count when it starts, so they run in
 subprocesses: ``tests/distributed_worker.py`` with 8 CPU devices, and two CLI processes joined by
@@ -28,9 +28,13 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxcf import checkpoint, distributed, processes, sgd, train, trainer
 from jaxcf import config as cfg
+from jaxcf.cli import train
+from jaxcf.core import distributed, processes
 from jaxcf.data import load as load_dataset
+from jaxcf.families.sgd import fit as sgd
+from jaxcf.training import api, checkpoint
+from jaxcf.training import loop as trainer
 
 ROOT = Path(__file__).parents[1]
 WORKER = Path(__file__).parent / "distributed_worker.py"
@@ -139,14 +143,14 @@ def cases(worker) -> dict:
 
 def test_one_device_never_takes_the_mesh_path(monkeypatch, bundled):
     def refuse(*args, **kwargs):
-        raise AssertionError("the single-device run reached jaxcf.distributed.Layout")
+        raise AssertionError("the single-device run reached jaxcf.core.distributed.Layout")
 
     for name in ("init", "place", "replicate", "make_predict", "fetch", "sync"):
         monkeypatch.setattr(distributed.Layout, name, refuse)
     monkeypatch.setattr(distributed, "ShardedEpoch", refuse)
     config = cfg.load("bias.yaml", ["train.epochs=1", "model.n_factors=4"])
     assert distributed.make_layout(config) is None
-    trained = trainer.fit(config, bundled, orders=lambda epoch: np.arange(256, dtype=np.int32))
+    trained = api.run(config, bundled, orders=lambda epoch: np.arange(256, dtype=np.int32))
     assert [r["epoch"] for r in trained.history] == [1]
     assert trained.params["user_embedding"].shape == (bundled.ratings.num_users, 4)
     setup = sgd.make_setup(config, bundled)

@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcf import catalogue, export, gibbs, metrics, models, train
+from jaxcf.cli import train
+from jaxcf.core import models, scoring
+from jaxcf.families.bpmf import fit as gibbs
+from jaxcf.serving import catalogue, export
 
 
 def write_low_rank_csv(path, num_users=50, num_items=30, seed=0):
@@ -180,8 +183,8 @@ def test_score_pairs_of_one_member_is_the_model_itself():
 
 
 def test_load_model_predicts_and_recommends_with_the_ensemble(seeds_run, capsys):
-    from jaxcf import recommend
-    from jaxcf.inference import load_model
+    from jaxcf.cli import recommend
+    from jaxcf.serving.inference import load_model
 
     model = load_model(seeds_run)
     loaded = export.read(seeds_run)
@@ -191,12 +194,12 @@ def test_load_model_predicts_and_recommends_with_the_ensemble(seeds_run, capsys)
     predictions = model.predict(raw_users, raw_items)
     users, _ = model.lookup_users(raw_users)
     items, _ = model.lookup_items(raw_items)
-    np.testing.assert_allclose(predictions.ratings, metrics.predict_pairs(loaded.weights, users, items, y_range),
+    np.testing.assert_allclose(predictions.ratings, scoring.predict_pairs(loaded.weights, users, items, y_range),
                                rtol=1e-6)
     # The top item is the unseen item with the highest mean prediction over the members.
     ranking = model.recommend(raw_users[0], k=3)
     unseen = np.setdiff1d(np.arange(len(loaded.item_ids)), model.seen(int(users[0])))
-    scores = metrics.predict_pairs(loaded.weights, np.full(len(unseen), users[0]), unseen, y_range)
+    scores = scoring.predict_pairs(loaded.weights, np.full(len(unseen), users[0]), unseen, y_range)
     assert ranking.ids[0] == loaded.item_ids[unseen[np.argmax(scores)]]
     np.testing.assert_allclose(ranking.scores[0], scores.max(), rtol=1e-5)
     assert recommend.main(["--model", str(seeds_run), "--user", str(raw_users[0]), "--k", "2"]) == 0

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import jaxcf
-from jaxcf import export
-from jaxcf.errors import JaxcfError, ModelError
+from jaxcf.core.errors import JaxcfError, ModelError
+from jaxcf.serving import export
 
 EXPORTS = Path(__file__).parent / "data" / "exports"
 KINDS = ("bias", "dot", "ensemble", "bpmf", "ials", "bpr", "ease", "blend")

@@ -8,8 +8,11 @@ import pandas as pd
 import pytest
 
 import jaxcf
-from jaxcf import config, data, foldin, recommend, strong, train
-from jaxcf.errors import ModelError
+from jaxcf import config, data
+from jaxcf.cli import recommend, train
+from jaxcf.core import foldin
+from jaxcf.core.errors import ModelError
+from jaxcf.training import strong
 
 
 def _csv(path, users=40, items=25, seed=0, density=0.6):
@@ -163,7 +166,7 @@ def test_a_ratings_file_is_read_with_a_bound(tmp_path, small, monkeypatch):
     """A FIFO (which would block a plain read) and a file past the size bound: one line each, no read."""
     import os
 
-    from jaxcf import foldin_export
+    from jaxcf.serving import foldin as foldin_export
 
     model = _model(tmp_path, small, "dot")
     fifo = tmp_path / "ratings.fifo"

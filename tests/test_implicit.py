@@ -13,8 +13,13 @@ import pytest
 import safetensors.numpy
 
 import jaxcf
-from jaxcf import bpr, config, data, ease, ials, optim, ranking, sparse, train
+from jaxcf import config, data
+from jaxcf.cli import train
+from jaxcf.core import optim, ranking, sparse
 from jaxcf.data.implicit import interactions
+from jaxcf.families.bpr import fit as bpr
+from jaxcf.families.ease import fit as ease
+from jaxcf.families.ials import fit as ials
 
 ROOT = Path(__file__).parents[1]
 
@@ -330,7 +335,7 @@ def test_each_model_trains_resumes_exports_loads_recommends_and_folds_in(kind, t
     assert folded.fold_in_report.users_added == 1 and not folded.predict(99999, list(seen)[0]).fallback[0]
     assert len(folded.recommend(99999, k=5).ids) == 5
     # The CLI speaks of scores and interactions for these models, not of predicted ratings.
-    from jaxcf import recommend
+    from jaxcf.cli import recommend
 
     assert recommend.main(["--model", str(tmp_path / "full"), "--user", "1", "--k", "2"]) == 0
     assert recommend.main(["--model", str(tmp_path / "full"), "--user", "424242", "--k", "2"]) == 0
@@ -396,7 +401,7 @@ def test_model_scores_rank_as_recommend_does(tmp_path):
 
 
 def test_strong_generalisation_for_an_implicit_model(tmp_path, capsys):
-    from jaxcf import crossval
+    from jaxcf.cli import crossval
 
     out = tmp_path / "strong.json"
     assert crossval.main(["--config", "ials.yaml", "--protocol", "strong", "--out", str(out), "--set",

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxcf import checkpoint, steps, train, trainer
+from jaxcf.cli import train
+from jaxcf.core import steps
+from jaxcf.training import api, checkpoint
 
 ROOT = Path(__file__).parents[1]
 SMALL = ["--config", "bias.yaml", "--quiet"]
@@ -120,7 +122,7 @@ def test_sigkill_leaves_only_complete_checkpoints_and_resume_is_bitwise(delay, t
     for step in _checkpoints(workdir):
         if not (workdir / "checkpoints" / str(step) / checkpoint.MANIFEST).exists():
             continue  # killed between the save and its seal: resume skips it
-        state, progress = trainer.restore_checkpoint(workdir, step)
+        state, progress = api.restore_checkpoint(workdir, step)
         assert progress.epoch == step and len(progress.history) == step
         assert all(np.isfinite(np.asarray(t)).all() for t in state.params.values())
     _resume_and_compare(workdir, uninterrupted)
@@ -168,7 +170,7 @@ def test_divergence_names_the_epoch_and_keeps_the_last_good_checkpoint(tmp_path,
     with checkpoint.manager(workdir) as mngr:
         assert mngr.latest_step() == 2
     monkeypatch.setattr(steps, "make_train_epoch", real_epoch)
-    state, _ = trainer.restore_checkpoint(workdir, 2)
+    state, _ = api.restore_checkpoint(workdir, 2)
     for name in good:
         np.testing.assert_array_equal(np.asarray(state.params[name]), good[name], err_msg=name)
 

@@ -1,4 +1,4 @@
-"""jaxcf.linalg against NumPy, no LAPACK kernel in compiled programs, and the sampler that used to hang."""
+"""jaxcf.core.linalg against NumPy, no LAPACK kernel in compiled programs, and the sampler that used to hang."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcf import linalg
+from jaxcf.core import linalg
 
 ROOT = Path(__file__).parents[1]
 

@@ -13,9 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcf import bpr, catalogue, config, foldin, foldin_implicit, gibbs, ials, models, optim, ranking, steps
-from jaxcf.members import Member, init_members, make_optimizer
-from jaxcf.sgd import init_state, make_setup
+from jaxcf import config
+from jaxcf.core import foldin, models, optim, ranking, scoring, steps
+from jaxcf.families import bpr as bpr_spec
+from jaxcf.families import ials as ials_spec
+from jaxcf.families.bpmf import fit as gibbs
+from jaxcf.families.bpr import fit as bpr
+from jaxcf.families.ials import fit as ials
+from jaxcf.families.sgd.fit import init_state, make_setup
+from jaxcf.families.sgd.members import Member, init_members, make_optimizer
+from jaxcf.serving import catalogue
 
 USERS, ITEMS, FACTORS, RATINGS, BATCH = 12, 9, 4, 40, 8
 
@@ -79,9 +86,9 @@ def _programs():
     out.append(("top-k-cosine", jax.jit(lambda t, q, e: catalogue.top_k_cosine(t, q, e, 3)),
                 (unit, jnp.int32(2), jnp.zeros(ITEMS, bool))))
     scores = jnp.zeros((4, ITEMS))
-    out.append(("ranking-hits", jax.jit(lambda s, a, b, c, d: ranking._top_hits(s, a, b, c, d, 3)),
-                (scores, *mask, *mask)))
-    out.append(("score-rows", jax.jit(lambda p, u: catalogue._score_rows(p, u, None)), (stacked, block)))
+    out.append(("ranking-hits", jax.jit(lambda s, a, b, c, d, e, f, g: ranking._top_hits(s, a, b, c, d, e, f, g, 3)),
+                (scores, *mask, *mask, jnp.zeros(ITEMS, bool), jnp.zeros(ITEMS), jnp.zeros(4, bool))))
+    out.append(("score-rows", jax.jit(lambda p, u: scoring._score_block(p, u, None)), (stacked, block)))
     out.append(("implicit-block", jax.jit(lambda s, e, r: ranking._implicit_block(s, e, r, 3)),
                 (scores, jnp.zeros((4, ITEMS), bool), jnp.zeros((4, ITEMS), bool))))
     out.extend(_implicit_programs(dataset))
@@ -125,9 +132,9 @@ def _fold_in_programs(params):
             f, o, m, p, a, i, r, v, w, 2, y)), (features, offsets, *prior, *block)))
     table = jnp.asarray(params["item_embedding"])
     rows = (block[0], block[2], block[3])
-    out.append(("foldin-ials", jax.jit(lambda t, i, v, w: foldin_implicit._ials_rows(t, i, v, w, 2, 1.0, 1.0, 0.0)),
+    out.append(("foldin-ials", jax.jit(lambda t, i, v, w: ials_spec._fold_in_rows(t, i, v, w, 2, 1.0, 1.0, 0.0)),
                 (table, *rows)))
-    out.append(("foldin-bpr", jax.jit(lambda t, i, v, w: foldin_implicit._bpr_rows(t, i, v, w, 2, 1e-4)),
+    out.append(("foldin-bpr", jax.jit(lambda t, i, v, w: bpr_spec._fold_in_rows(t, i, v, w, 2, 1e-4)),
                 (table, *rows)))
     return out
 

@@ -3,9 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-from jaxcf import EmbeddingDot, EmbeddingDotBias, models
+from jaxcf import EmbeddingDot, EmbeddingDotBias
+from jaxcf.core import models
 
 NUM_USERS, NUM_ITEMS, FACTORS = 671, 9066, 50
 
@@ -73,8 +73,7 @@ def test_score_rows_matches_the_module_and_keeps_batch_one_1d():
     np.testing.assert_array_equal(direct, model.apply({"params": params}, users, items))
 
 
-def test_build_by_name():
-    assert isinstance(models.build("dot", 2, 3, 4), EmbeddingDot)
-    assert models.build("bias", 2, 3, 4, (0, 5)).y_range == (0.0, 5.0)
-    with pytest.raises(ValueError, match="unknown model kind"):
-        models.build("mlp", 2, 3, 4)
+def test_build_by_output_range():
+    """An output range is the biased model's (its scaled sigmoid); none, the dot model's."""
+    assert isinstance(models.build(2, 3, 4), EmbeddingDot)
+    assert models.build(2, 3, 4, (0, 5)).y_range == (0.0, 5.0)

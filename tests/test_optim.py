@@ -1,6 +1,6 @@
 """Row-sparse optimizers against a plain NumPy implementation, and the packed epoch against the step.
 
-The NumPy reference is written from the definitions in ``jaxcf.optim``'s docstring (float64, one
+The NumPy reference is written from the definitions in ``jaxcf.core.optim``'s docstring (float64, one
 loop over distinct ids), not from the JAX code: gradients of repeated ids are summed, moments and the
 step count are per row, decay is decoupled and touches touched rows only, padding touches nothing.
 """
@@ -12,8 +12,8 @@ import optax
 import pytest
 
 from jaxcf import config as cfg
-from jaxcf import optim, sparse, steps
-from jaxcf.models import USER_TABLES
+from jaxcf.core import optim, sparse, steps
+from jaxcf.core.models import USER_TABLES
 
 LR, B1, B2, EPS, WD = 1e-2, 0.9, 0.999, 1e-8, 0.1  # a large decay, so that decay bugs show
 

@@ -37,12 +37,12 @@ import torch
 import torch.nn as nn
 
 from jaxcf import config as jconfig
-from jaxcf import export as jexport
-from jaxcf import metrics as jevaluate
-from jaxcf import models as jmodels
-from jaxcf import sgd as jsgd
-from jaxcf import steps as jsteps
-from jaxcf import trainer as jtrainer
+from jaxcf.core import metrics as jevaluate
+from jaxcf.core import models as jmodels
+from jaxcf.core import steps as jsteps
+from jaxcf.families.sgd import fit as jsgd
+from jaxcf.serving import export as jexport
+from jaxcf.training import loop as jtrainer
 from reference_torch import notebook as nb
 from reference_torch import weights as W
 from reference_torch.train import build_model, build_optimizer
@@ -439,8 +439,8 @@ def test_d_one_epoch_trajectory(twins, bundled, case):
     assert loss_diff <= TRAJECTORY_LOSS_ATOL, f"{where}: debiased train loss differs by {loss_diff:.3g}"
     targets = bundled.ratings.ratings[bundled.split.valid].astype(np.float64)
     torch_rmse = float(np.sqrt(np.mean((torch_pred - targets) ** 2)))
-    rmse_diff = abs(torch_rmse - record["valid_rmse"])
-    assert rmse_diff <= TRAJECTORY_RMSE_ATOL, f"{where}: val RMSE {torch_rmse:.6f} vs {record['valid_rmse']:.6f}"
+    rmse_diff = abs(torch_rmse - record["valid_rmse_rows"])
+    assert rmse_diff <= TRAJECTORY_RMSE_ATOL, f"{where}: val RMSE {torch_rmse:.6f} vs {record['valid_rmse_rows']:.6f}"
 
 
 # ------------------------------------------------------------------------------ e. five epochs
@@ -457,9 +457,9 @@ def test_e_five_epochs_of_the_notebook_configs(twins, bundled, case):
     targets = bundled.ratings.ratings[bundled.split.valid].astype(np.float64)
     for epoch, ((_, torch_pred, torch_row), (_, record)) in enumerate(zip(run.torch_epochs, run.jax_epochs), 1):
         torch_rmse = float(np.sqrt(np.mean((torch_pred - targets) ** 2)))
-        diff = abs(torch_rmse - record["valid_rmse"])
+        diff = abs(torch_rmse - record["valid_rmse_rows"])
         assert diff <= E_RMSE_ATOL, (
-            f"{case_id(case)} epoch {epoch}: val RMSE torch {torch_rmse:.6f} jaxcf {record['valid_rmse']:.6f}"
+            f"{case_id(case)} epoch {epoch}: val RMSE torch {torch_rmse:.6f} jaxcf {record['valid_rmse_rows']:.6f}"
         )
         # The notebook's own validation figure (mean of batch MSEs over batches of 128) on both sides.
         nb_diff = abs(np.sqrt(torch_row["val_loss"]) - np.sqrt(record["valid_loss_notebook"]))
@@ -467,7 +467,7 @@ def test_e_five_epochs_of_the_notebook_configs(twins, bundled, case):
         loss_diff = abs(torch_row["train_loss"] - record["train_loss"])
         assert loss_diff <= E_LOSS_ATOL, f"{case_id(case)} epoch {epoch}: train loss differs by {loss_diff:.3g}"
     # The training must have gone somewhere, or agreement would be trivial.
-    first, last = run.jax_epochs[0][1]["valid_rmse"], run.jax_epochs[-1][1]["valid_rmse"]
+    first, last = run.jax_epochs[0][1]["valid_rmse_rows"], run.jax_epochs[-1][1]["valid_rmse_rows"]
     assert last < first - 0.01, f"{case_id(case)}: val RMSE went from {first:.4f} to {last:.4f}"
 
 

@@ -14,8 +14,9 @@ import pytest
 
 import jaxcf
 from jaxcf import config as cfg
-from jaxcf import predict, serve, train
-from jaxcf.errors import ConfigError, DataError, ModelError
+from jaxcf.cli import predict, train
+from jaxcf.core.errors import ConfigError, DataError, ModelError
+from jaxcf.serving import server as serve
 
 ROOT = Path(__file__).parents[1]
 EXPORTS = Path(__file__).parent / "data" / "exports" / "format2"
@@ -127,7 +128,7 @@ def test_a_full_disk_at_checkpoint_time_is_one_line(tmp_path):
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
-from jaxcf import train
+from jaxcf.cli import train
 sys.exit(train.main(["--config", "bias.yaml", "--workdir", sys.argv[1], "--quiet", "--set", "model.n_factors=8",
                      "train.epochs=2"]))
 """
@@ -190,7 +191,7 @@ def test_no_client_input_gives_the_server_a_5xx(caplog):
         ("/predict", {"users": [1], "items": ["m01"], "strict": "off"}, None, "strict"),
         ("/similar", {"item": "\ud800"}, None, "unknown item"),
     ]
-    with caplog.at_level(logging.INFO, logger="jaxcf.serve"):
+    with caplog.at_level(logging.INFO, logger="jaxcf.serving.server"):
         for path, body, raw, message in cases:
             status, answer = _asgi(app, "POST", path, body, raw)
             assert 400 <= status < 500 and message in answer["error"], (path, status, answer)

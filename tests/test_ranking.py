@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcf import ranking
+from jaxcf.core import ranking
 
 
 def _fixed_scores(table):

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxcf import export, inference, metrics, predict, recommend, similar
-from jaxcf.errors import ModelError, UnknownIdError
-from jaxcf.inference import load_model
-from jaxcf.train import main as train_main
+from jaxcf.cli import predict, recommend, similar
+from jaxcf.cli.train import main as train_main
+from jaxcf.core import metrics
+from jaxcf.core.errors import ModelError, UnknownIdError
+from jaxcf.serving import export, inference
+from jaxcf.serving.inference import load_model
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +345,7 @@ def test_dot_model_predictions_and_fallbacks(tmp_path):
     ]
     np.testing.assert_allclose(result.ratings, expected, rtol=1e-5)
     assert result.fallback.tolist() == [False, True, True, True, True]
-    with pytest.raises(ModelError, match="bias model"):
+    with pytest.raises(ModelError, match="a model with biases"):
         model.bias_ranking()
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from jaxcf import config as cfg
+from jaxcf.cli.train import main as train_main
 from jaxcf.data import DataError, registry
 from jaxcf.data.download import Archive
-from jaxcf.inference import load_model
-from jaxcf.train import main as train_main
+from jaxcf.serving.inference import load_model
 
 # (user, item, rating) rows shared by every fake archive: 10 users x 4 items, half stars.
 ROWS = [(user, item, (user * 7 + item // 10) % 10 / 2 + 0.5) for user in range(1, 11) for item in (10, 20, 30, 40)]
@@ -296,5 +296,5 @@ def test_bundled_datasets_need_no_network(monkeypatch, tmp_path):
     monkeypatch.setenv("JAXCF_DATA", str(tmp_path / "cache"))
     assert len(load("ml-latest-small").ratings) == 100_004
     dataset = load("ml-100k", split="ua")
-    assert (len(dataset.split.train), len(dataset.split.valid)) == (90_570, 9_430)
+    assert (len(dataset.split.train), len(dataset.split.test)) == (90_570, 9_430)
     assert cache_listing(tmp_path) == []

@@ -7,9 +7,10 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from jaxcf import export, report
-from jaxcf.inference import load_model
-from jaxcf.train import main as train_main
+from jaxcf.cli import report as report_cli
+from jaxcf.cli.train import main as train_main
+from jaxcf.serving import export, report
+from jaxcf.serving.inference import load_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -25,7 +26,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def written(workdir):
     """Runs the CLI once with the default output folder."""
-    assert report.main(["--model", str(workdir)]) == 0
+    assert report_cli.main(["--model", str(workdir)]) == 0
     return workdir / "report"
 
 
@@ -71,7 +72,7 @@ def test_summary_bias_tables_follow_the_model(workdir, written):
 def test_export_alone_uses_the_metrics_in_metadata(workdir, tmp_path):
     folder = tmp_path / "exported"
     shutil.copytree(workdir / "model", folder)
-    assert report.main(["--model", str(folder), "--out", str(tmp_path / "out")]) == 0
+    assert report_cli.main(["--model", str(folder), "--out", str(tmp_path / "out")]) == 0
     assert_real_image(tmp_path / "out" / "curves.png")
     assert "Per-epoch metrics from `metadata.json`" in (tmp_path / "out" / "report.md").read_text()
 
@@ -115,25 +116,25 @@ def test_dot_model_report_has_no_bias_figure(tmp_path):
         data_info={"source": "hand-made"},
         metrics=[{"epoch": 1, "train_loss": 2.0, "valid_mse": 1.5, "valid_rmse": 1.2247}],
     )
-    assert report.main(["--model", str(folder), "--out", str(tmp_path / "out")]) == 0
+    assert report_cli.main(["--model", str(folder), "--out", str(tmp_path / "out")]) == 0
     assert not (tmp_path / "out" / "item_bias.png").exists()
     assert_real_image(tmp_path / "out" / "embeddings_pca.png")
     assert "no bias ranking" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_implicit_model_report_states_its_ranking_metrics(tmp_path):
-    from jaxcf import train
+    from jaxcf.cli import train
 
     assert train.main(["--config", "ials.yaml", "--quiet", "--workdir", str(tmp_path / "run"), "--set",
                        "data.name=ml-100k", "model.n_factors=8", "train.epochs=2"]) == 0
     last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert report.main(["--model", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    assert report_cli.main(["--model", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "report.md").read_text()
     assert f"NDCG@20 **{last['ndcg@20']:.4f}**" in text and "RMSE" not in text
     assert_real_image(tmp_path / "out" / "curves.png")
 
 
 def test_missing_model_exits_2(tmp_path, capsys):
-    assert report.main(["--model", str(tmp_path / "nope")]) == 2
+    assert report_cli.main(["--model", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1

@@ -81,7 +81,7 @@ def test_fit_on_a_dataframe_gives_the_cli_s_validation_rmse(tmp_path, capsys):
     from jaxcf.data import registry
 
     overrides = ["train.epochs=2"]
-    from jaxcf import train
+    from jaxcf.cli import train
 
     assert train.main(["--config", "bias.yaml", "--workdir", str(tmp_path / "cli"), "--quiet",
                        "--set", *overrides]) == 0

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxcf import export, predict, recommend, report, similar, train
-from jaxcf.errors import ModelError, UnknownIdError
-from jaxcf.inference import load_model
+from jaxcf.cli import predict, recommend, similar, train
+from jaxcf.cli import report as report_cli
+from jaxcf.core.errors import ModelError, UnknownIdError
+from jaxcf.serving import export, report
+from jaxcf.serving.inference import load_model
 
 ROOT = Path(__file__).parents[1]
 QUIET = ["--quiet", "--set", "model.n_factors=2", "train.epochs=1", "train.batch_size=8"]
@@ -156,7 +158,7 @@ def test_a_workdir_that_cannot_be_created_is_one_line(tmp_path, capsys):
 
 
 def test_a_full_disk_while_checkpointing_is_one_line(tmp_path, capsys, monkeypatch):
-    from jaxcf import checkpoint
+    from jaxcf.training import checkpoint
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -363,7 +365,7 @@ def test_reports_of_small_models(case, tmp_path):
     csv = write_csv(tmp_path / "small.csv", rows)
     extra = ["model.n_factors=1"] if case == "one factor" else ["data.valid_fraction=0.5"]
     assert _train(tmp_path / "run", csv, *extra) == 0
-    assert report.main(["--model", str(tmp_path / "run")]) == 0
+    assert report_cli.main(["--model", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "report" / "report.md").is_file()
 
 
@@ -372,7 +374,7 @@ def test_a_failed_report_leaves_no_partial_folder(run, monkeypatch, capsys):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(report, "plot_embedding_map", broken)
-    assert report.main(["--model", str(run), "--out", str(run / "rep")]) == 2
+    assert report_cli.main(["--model", str(run), "--out", str(run / "rep")]) == 2
     err = capsys.readouterr().err
     assert "No space left" in err and "\n" not in err.strip()
     assert not (run / "rep").exists() and not [p for p in run.iterdir() if p.name.startswith(".rep")]
@@ -384,11 +386,12 @@ def test_a_failed_report_leaves_no_partial_folder(run, monkeypatch, capsys):
 def test_a_stalled_epoch_dumps_every_stack_and_exits_3(tmp_path):
     script = f"""
 import time
-from jaxcf import config, data, trainer
+from jaxcf import config, data, families
+from jaxcf.training import loop as trainer
 
 cfg = config.load("bias.yaml", ["train.epochs=3", "model.n_factors=2", "train.stall_seconds=10"])
 dataset = data.load(cfg.data, cfg.seed)
-real = trainer.build_family
+real = families.build
 
 def stalling(*args, **kwargs):
     family = real(*args, **kwargs)
@@ -400,8 +403,8 @@ def stalling(*args, **kwargs):
     family.epoch = epoch
     return family
 
-trainer.build_family = stalling
-trainer.fit(cfg, dataset, workdir={str(tmp_path / "run")!r}, quiet=True, on_stall="exit")  # as the CLI does
+families.build = stalling
+trainer.fit(cfg, families, dataset, workdir={str(tmp_path / "run")!r}, quiet=True, on_stall="exit")  # as the CLI
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 3, done.stderr[-2000:]
@@ -418,9 +421,9 @@ def test_a_stall_in_jaxcf_fit_raises_and_never_ends_the_caller(tmp_path):
     script = """
 import time
 import jaxcf
-from jaxcf import trainer
+from jaxcf import families
 
-real = trainer.build_family
+real = families.build
 
 def stalling(*args, **kwargs):
     family = real(*args, **kwargs)
@@ -433,7 +436,7 @@ def stalling(*args, **kwargs):
     family.epoch = epoch
     return family
 
-trainer.build_family = stalling
+families.build = stalling
 try:
     jaxcf.fit(None, overrides=["train.epochs=3", "model.n_factors=2", "train.stall_seconds=10"], quiet=True)
 except jaxcf.TrainingStalled as err:

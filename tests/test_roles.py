@@ -13,8 +13,10 @@ import pytest
 
 import jaxcf
 from jaxcf import config as cfg
-from jaxcf import data, evaluate, predict, recommend, serve, train
-from jaxcf.errors import ConfigError, DataError
+from jaxcf import data
+from jaxcf.cli import evaluate, predict, recommend, train
+from jaxcf.core.errors import ConfigError, DataError
+from jaxcf.serving import server as serve
 
 SMALL = ["model.n_factors=8", "train.epochs=2"]
 

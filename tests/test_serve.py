@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jaxcf
-from jaxcf import train
+from jaxcf.cli import train
 
 ROOT = Path(__file__).parents[1]
 
@@ -172,8 +172,8 @@ def test_a_port_in_use_is_one_line(tmp_path):
 WARM_PROBE = """
 import logging, sys
 import jax
-from jaxcf import serve
-from jaxcf.inference import load_model
+from jaxcf.serving import server as serve
+from jaxcf.serving.inference import load_model
 
 compiles = []
 class Count(logging.Handler):

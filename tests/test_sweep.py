@@ -1,5 +1,5 @@
-"""Many models in one program (jaxcf.members) and sweeps (jaxcf.sweep, jaxcf.crossval): members equal
-single runs, per-member hyper-parameters, row L2, schedules, the holdout split, the sweep and
+"""Many models in one program (jaxcf.families.sgd.members) and sweeps (jaxcf.training.sweep, jaxcf.cli.crossval):
+members equal single runs, per-member hyper-parameters, row L2, schedules, the holdout split, the sweep and
 cross-validation CLIs. Tiny synthetic data keeps every program small."""
 
 import dataclasses
@@ -12,9 +12,14 @@ import optax
 import pytest
 
 from jaxcf import config as cfg
-from jaxcf import data, members, optim, sgd, steps, sweep, trainer
+from jaxcf import data
+from jaxcf.cli import sweep
+from jaxcf.core import optim, steps
+from jaxcf.core.errors import TrainingDiverged
 from jaxcf.data import load as load_dataset
-from jaxcf.errors import TrainingDiverged
+from jaxcf.families.sgd import fit as sgd
+from jaxcf.families.sgd import members
+from jaxcf.training import loop as trainer
 
 
 def write_low_rank_csv(path, num_users=50, num_items=30, seed=0):
@@ -203,7 +208,7 @@ def test_a_sweep_out_that_is_a_folder_is_refused_before_training(small_csv, tmp_
 
 
 def test_crossval_scores_each_official_fold_and_summarises(tmp_path, capsys):
-    from jaxcf import crossval
+    from jaxcf.cli import crossval
 
     out = tmp_path / "cv.json"
     argv = ["--config", "bias.yaml", "--splits", "u1,u2", "--workdir", str(tmp_path / "cv"), "--out", str(out),
@@ -211,20 +216,31 @@ def test_crossval_scores_each_official_fold_and_summarises(tmp_path, capsys):
     assert crossval.main(argv) == 0
     result = json.loads(out.read_text())
     rows = result["splits"]
-    assert [r["split"] for r in rows] == ["u1", "u2"] and all(r["num_valid"] == 20000 for r in rows)
-    rmses = [r["metrics"]["valid_rmse"] for r in rows]
-    assert rmses[0] != rmses[1]
-    assert result["summary"]["valid_rmse"]["mean"] == pytest.approx(np.mean(rmses))
-    assert result["summary"]["valid_rmse"]["std"] == pytest.approx(np.std(rmses, ddof=1))
+    # A fold's .test part is a test set: reported as test_rmse, nothing validated.
+    assert [r["split"] for r in rows] == ["u1", "u2"] and all((r["num_valid"], r["num_test"]) == (0, 20000)
+                                                            for r in rows)
+    rmses = [r["metrics"]["test_rmse"] for r in rows]
+    assert rmses[0] != rmses[1] and "valid_rmse" not in rows[0]["metrics"]
+    assert result["summary"]["test_rmse"]["mean"] == pytest.approx(np.mean(rmses))
+    assert result["summary"]["test_rmse"]["std"] == pytest.approx(np.std(rmses, ddof=1))
     # The figure is the exported model's, and equals what the training run logged for its last epoch.
     for row in rows:
         logged = json.loads((tmp_path / "cv" / row["split"] / "metrics.jsonl").read_text().splitlines()[-1])
-        assert row["metrics"]["valid_rmse"] == pytest.approx(logged["valid_rmse"], rel=1e-5)
-    assert "valid_rmse" in capsys.readouterr().out
+        assert row["metrics"]["test_rmse"] == pytest.approx(logged["test_rmse"], rel=1e-5)
+    assert "test_rmse" in capsys.readouterr().out
+
+
+def test_crossval_refuses_a_grid_without_validation_rows(tmp_path, capsys):
+    from jaxcf.cli import crossval
+
+    argv = ["--config", "bias.yaml", "--splits", "u1", "--workdir", str(tmp_path / "cv"), "--grid",
+            "model.n_factors=2,4", "--set", "data.name=ml-100k"]
+    assert crossval.main(argv) == 2
+    assert "add --holdout 0.1" in capsys.readouterr().err
 
 
 def test_crossval_refuses_a_split_the_dataset_does_not_have(tmp_path, capsys):
-    from jaxcf import crossval
+    from jaxcf.cli import crossval
 
     assert crossval.main(["--config", "bias.yaml", "--splits", "u9", "--workdir", str(tmp_path / "cv")]) == 2
     err = capsys.readouterr().err
@@ -232,7 +248,7 @@ def test_crossval_refuses_a_split_the_dataset_does_not_have(tmp_path, capsys):
 
 
 def test_grid_values_in_exponent_notation_are_numbers():
-    from jaxcf.sweep import parse_grid
+    from jaxcf.core.configfile import parse_grid
 
     grid = parse_grid(["implicit.l2=1e-5,1.5E3,0.1", "optim.name=adamw,lazy_adam"])
     assert grid == {"implicit.l2": [1e-5, 1500.0, 0.1], "optim.name": ["adamw", "lazy_adam"]}
@@ -240,7 +256,7 @@ def test_grid_values_in_exponent_notation_are_numbers():
 
 
 def test_the_sweep_refuses_a_mesh(tmp_path, capsys):
-    from jaxcf import sweep
+    from jaxcf.training import sweep
 
     assert sweep.main(["--config", "bias.yaml", "--seeds", "2", "--set", "mesh.model=2", "--out",
                        str(tmp_path / "s.json"), "--quiet"]) == 2

@@ -14,7 +14,9 @@ import safetensors.numpy
 import yaml
 
 from jaxcf import config as cfg
-from jaxcf import metrics, steps, train, trainer
+from jaxcf.cli import train
+from jaxcf.core import metrics, steps
+from jaxcf.training import api
 
 ROOT = Path(__file__).parents[1]
 
@@ -234,7 +236,7 @@ def test_early_stopping_keeps_and_exports_the_best_epoch(tmp_path):
     assert metadata["model"]["epoch"] == best
     from jaxcf.data import load as load_dataset
 
-    _, progress = trainer.restore_checkpoint(workdir)
+    _, progress = api.restore_checkpoint(workdir)
     exported = safetensors.numpy.load_file(workdir / "model" / "weights.safetensors")
     for name, table in progress.best_params.items():
         np.testing.assert_array_equal(np.asarray(table), exported[name], err_msg=name)

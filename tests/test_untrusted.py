@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxcf import train, trainer
+from jaxcf.cli import train
+from jaxcf.training import api
 
 ARGV = ["--config", "bias.yaml", "--quiet", "--set", "model.n_factors=4", "checkpoint.keep=5"]
 
@@ -25,7 +26,7 @@ def test_restoring_a_checkpoint_never_unpickles(two_epoch_run, monkeypatch):
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(pickle, "Unpickler", refuse)
-    state, progress = trainer.restore_checkpoint(two_epoch_run)
+    state, progress = api.restore_checkpoint(two_epoch_run)
     assert progress.epoch == 2 and np.isfinite(np.asarray(state.params["user_embedding"])).all()
 
 

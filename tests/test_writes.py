@@ -6,8 +6,9 @@ import os
 import pytest
 
 import jaxcf
-from jaxcf import recommend, report, train
-from jaxcf.errors import ModelError
+from jaxcf.cli import recommend, train
+from jaxcf.cli import report as report_cli
+from jaxcf.core.errors import ModelError
 
 SMALL = ["model.n_factors=4", "train.epochs=1"]
 
@@ -69,11 +70,11 @@ def test_the_clis_refuse_before_any_work(run, tmp_path, capsys):
         assert recommend.main(["--model", str(run), "--user", "9001", "--ratings", str(ratings), *argv]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert report.main(["--model", str(run), "--out", str(mine)]) == 2
+    assert report_cli.main(["--model", str(run), "--out", str(mine)]) == 2
     assert "is not a report jaxcf wrote" in capsys.readouterr().err
     assert (mine / "data.csv").read_text() == "precious" and [p.name for p in mine.iterdir()] == ["data.csv"]
-    assert report.main(["--model", str(run), "--out", str(tmp_path / "report")]) == 0
-    assert report.main(["--model", str(run), "--out", str(tmp_path / "report")]) == 0  # its own report: replaced
+    assert report_cli.main(["--model", str(run), "--out", str(tmp_path / "report")]) == 0
+    assert report_cli.main(["--model", str(run), "--out", str(tmp_path / "report")]) == 0  # its own report: replaced
     workdir = tmp_path / "w"
     (workdir / "model").mkdir(parents=True)
     (workdir / "model" / "notes.md").write_text("mine")

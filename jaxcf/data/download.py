@@ -30,7 +30,7 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from jaxcf.errors import DataError
+from jaxcf.core.errors import DataError
 
 DEFAULT_URL = "https://files.grouplens.org/datasets/movielens"
 # Seconds without a byte before a download is abandoned.

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from jaxcf.core.errors import DataError
 from jaxcf.data.ids import IdMap
 from jaxcf.data.ratings import Ratings, load_csv, ratings_from_frame
 from jaxcf.data.splits import Split, leave_last_split, random_split
-from jaxcf.errors import DataError
 
 ROLES = ("train", "valid", "test")
 

@@ -13,7 +13,7 @@ predefined split of a dataset (ml-100k's u1-u5) or parts from files keep their m
 interactions of a test part are test interactions (recorded as ``test_ndcg@20``, never choosing
 anything).
 
-What does not live here: the ranking metrics of the protocol (``jaxcf.ranking.implicit_metrics``).
+What does not live here: the ranking metrics of the protocol (``jaxcf.core.ranking.implicit_metrics``).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
+from jaxcf.core.errors import DataError
 from jaxcf.data.ids import IdMap
 from jaxcf.data.ratings import Ratings
 from jaxcf.data.registry import Dataset
 from jaxcf.data.splits import Split, leave_last_split, random_split
-from jaxcf.errors import DataError
 
 
 def interactions(dataset: Dataset, threshold: float, valid_fraction: float, seed: int, leave_last: int = 0) -> Dataset:

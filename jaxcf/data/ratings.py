@@ -10,6 +10,8 @@ Policies (documented in the README's data section):
 - ``.gz`` and other compressed CSVs are read transparently (by extension).
 - Ratings must be finite numbers (and inside ``rating_range`` when one is declared).
 
+One concept at some length: a ratings table read and checked, from a file or a frame.
+
 What does not live here: id maps (``jaxcf.data.ids``), splits (``jaxcf.data.splits``), the
 named-dataset registry and downloads (``jaxcf.data.registry``).
 """
@@ -26,8 +28,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from jaxcf.core.errors import DataError
 from jaxcf.data.ids import IdMap, canonical_ids
-from jaxcf.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,8 @@ network. The others are downloaded from GroupLens on first use into the cache
 (``jaxcf.data.download``), checked against the archive sizes and sha256 digests in
 :data:`ARCHIVES`. ml-32m is not offered: no sourced checksum for its archive was found.
 
+One concept at some length: the named datasets, where each lives and how each is read and verified.
+
 What does not live here: CSV parsing and splitting (``jaxcf.data.ratings``), downloading and
 extraction (``jaxcf.data.download``).
 """
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from jaxcf.core.errors import DataError
 from jaxcf.data import download
 from jaxcf.data.download import Archive
 from jaxcf.data.files import from_parts, train_split
@@ -43,7 +46,6 @@ from jaxcf.data.ratings import (
     timestamps_from,
 )
 from jaxcf.data.splits import Split, holdout_split, random_split
-from jaxcf.errors import DataError
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 

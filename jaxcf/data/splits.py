@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxcf.errors import DataError
+from jaxcf.core.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 import jaxcf
-from jaxcf import export
+from jaxcf.serving import export
 
 HERE = Path(__file__).parent
 KINDS = {

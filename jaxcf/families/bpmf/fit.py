@@ -1,0 +1,408 @@
+"""Bayesian matrix factorisation (BPMF) by Gibbs sampling, several chains in one vmapped program.
+
+The model of Salakhutdinov & Mnih (ICML 2008), "Bayesian probabilistic matrix factorization using
+Markov chain Monte Carlo"::
+
+    r_ui ~ N(mean + <U_u, V_i>, 1 / alpha)           mean: the mean training rating
+    U_u  ~ N(mu_U, inv(Lambda_U)),  V_i ~ N(mu_V, inv(Lambda_V))
+    (mu, Lambda) ~ Normal-Wishart(mu0 = 0, beta0 = 2, W0 = I, nu0 = F)   for each side
+
+One sweep samples each side's hyper-parameters from their conditional, then every user vector
+(users are independent given the items: a Gaussian with an F x F precision per user), then every
+item vector. The posterior mean of a rating is estimated by averaging the predictions of the kept
+samples, which is exactly an ensemble of dot models: member ``k`` has ``user_embedding[k] = [U, 1]``
+and ``item_embedding[k] = [V, mean]``, so ``<user row, item row> = <U_u, V_i> + mean``.
+
+The per-row sums ``sum_i V_i V_i^T`` are two matrix products with a dense count matrix when the
+table is small (ml-latest-small, ml-100k), else a scan over chunks of ratings (memory ``rows * F * F``
+plus one chunk's outer products, not one ``F x F`` matrix per rating).
+
+A sweep is this family's epoch (``train.epochs`` counts sweeps), so the one loop (``jaxcf.training.loop``)
+checkpoints, resumes and shards it like any model: the state holds the chains and a buffer of the
+kept samples. On a mesh every side's rows are sharded over ``model``; the rows that pad a table to a
+multiple of ``model`` are masked out of the hyper-parameter draws and kept at zero.
+
+One concept at some length: the Gibbs sampler of BPMF, from its hyper-parameters to the kept samples.
+
+What does not live here: the F x F solves (``jaxcf.core.linalg``, plain XLA ops: LAPACK's batched kernels
+can deadlock XLA's CPU thread pool), the loop, SGD training (``jaxcf.families.sgd``, ``jaxcf.families.members``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcf.core import linalg, metrics, rng, scoring
+from jaxcf.core.errors import DataError
+from jaxcf.core.family import Family
+from jaxcf.data import Dataset
+from jaxcf.families.bpmf import SPEC
+
+# Ratings per scan step when summing outer products (memory: chunk * F * F floats per chain).
+CHUNK = 8192
+# The Normal-Wishart hyper-prior of the paper: mu0 = 0, beta0 = 2, W0 = I, nu0 = F.
+BETA0 = 2.0
+
+
+class Side(NamedTuple):
+    """The ratings seen from one side, in one of two forms (the other form's fields are None).
+
+    Dense, for small tables: ``counts`` and ``sums`` float32[num_rows, num_other], how many ratings
+    each pair has (0 or 1, more for a repeated pair) and the sum of their centred values; the per-row
+    sums are then two matrix products. Chunked, for any size: ``own``, ``other`` int32[chunks, CHUNK]
+    row ids of each rating on this and the other side (padding: own = PAD_ID, dropped) and
+    ``targets`` float32[chunks, CHUNK] centred ratings (padding 0); the sums are scatter-adds.
+    """
+
+    counts: jax.Array | None = None
+    sums: jax.Array | None = None
+    own: jax.Array | None = None
+    other: jax.Array | None = None
+    targets: jax.Array | None = None
+
+
+# Up to this many (row, other row) cells, a side is held dense: ml-latest-small (671 x 9,066) and
+# ml-100k are, ml-1m is not. Two float32 matrices per side; the products replace scatter-adds of
+# F * F floats per rating, which dominate a sweep on a CPU.
+DENSE_CELLS = 1 << 24
+
+
+# The row id of a padding entry of a chunked side: beyond any table, so its scatter is dropped.
+PAD_ID = 2**30
+
+
+def make_side(own: np.ndarray, other: np.ndarray, targets: np.ndarray, num_rows: int, num_other: int) -> Side:
+    """One side's ratings as host arrays (dense or chunked; see :class:`Side`).
+
+    Args:
+      own, other: int[n] row ids of each rating on this side and on the other.
+      targets: float[n] centred ratings.
+      num_rows, num_other: the table sizes (the padded ones on a mesh).
+    """
+    if num_rows * num_other <= DENSE_CELLS:
+        counts = np.zeros((num_rows, num_other), np.float32)
+        sums = np.zeros((num_rows, num_other), np.float64)
+        np.add.at(counts, (own, other), 1.0)
+        np.add.at(sums, (own, other), targets)
+        return Side(counts=counts, sums=sums.astype(np.float32))
+    n = len(own)
+    chunks = max(1, -(-n // CHUNK))
+    pad = chunks * CHUNK - n
+    return Side(
+        own=np.pad(own, (0, pad), constant_values=PAD_ID).reshape(chunks, CHUNK).astype(np.int32),
+        other=np.pad(other, (0, pad)).reshape(chunks, CHUNK).astype(np.int32),
+        targets=np.pad(targets, (0, pad)).reshape(chunks, CHUNK).astype(np.float32),
+    )
+
+
+def wishart(key: jax.Array, scale_root: jax.Array, df: float) -> jax.Array:
+    """One draw of Wishart(scale, df) by the Bartlett decomposition.
+
+    Args:
+      key: a PRNG key.
+      scale_root: float32[F, F], any M with ``M @ M.T == scale`` (the distribution of
+        ``A @ A.T`` is invariant under rotations, so M need not be triangular).
+      df: degrees of freedom, > F - 1.
+
+    Returns:
+      float32[F, F] symmetric positive definite.
+    """
+    size = scale_root.shape[0]
+    key_chi, key_normal = jax.random.split(key)
+    # A_ii = sqrt(chi2(df - i)) for i = 0..F-1; chi2(k) = 2 * Gamma(k / 2).
+    chi2 = 2.0 * jax.random.gamma(key_chi, (df - jnp.arange(size)) / 2.0)
+    bartlett = jnp.tril(jax.random.normal(key_normal, (size, size)), -1) + jnp.diag(jnp.sqrt(chi2))
+    root = scale_root @ bartlett
+    return root @ root.T
+
+
+def sample_hyperparameters(
+    key: jax.Array, factors: jax.Array, num_rows: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Draws (mu, Lambda) of one side from their Normal-Wishart conditional given its vectors.
+
+    Args:
+      factors: float32[rows, F] the side's current vectors.
+      num_rows: how many leading rows are real (the others pad the table on a mesh); None: all.
+
+    Returns:
+      (mu float32[F], Lambda float32[F, F]).
+    """
+    size = factors.shape[1]
+    rows = factors.shape[0] if num_rows is None else num_rows
+    real = (jnp.arange(factors.shape[0]) < rows)[:, None]
+    mean = jnp.sum(jnp.where(real, factors, 0.0), axis=0) / rows
+    centred = jnp.where(real, factors - mean[None], 0.0)
+    scatter = centred.T @ centred  # rows * sample covariance
+    beta = BETA0 + rows
+    # W*^-1 = W0^-1 + N S + beta0 N / (beta0 + N) (mu0 - mean)(mu0 - mean)^T, with mu0 = 0, W0 = I.
+    inverse_scale = jnp.eye(size) + scatter + (BETA0 * rows / beta) * jnp.outer(mean, mean)
+    inverse_scale = (inverse_scale + inverse_scale.T) / 2
+    key_wishart, key_normal = jax.random.split(key)
+    lam = wishart(key_wishart, linalg.inverse_root(inverse_scale), size + rows)
+    mu = rows * mean / beta + linalg.inverse_root(beta * lam) @ jax.random.normal(key_normal, (size,))
+    return mu, lam
+
+
+def normal_equations(other_factors: jax.Array, side: Side, num_rows: int) -> tuple[jax.Array, jax.Array]:
+    """Per-row ``sum V_i V_i^T`` and ``sum r_ui V_i`` over each row's ratings.
+
+    Returns:
+      (gram float32[num_rows, F, F], rhs float32[num_rows, F]).
+    """
+    size = other_factors.shape[1]
+    if side.counts is not None:
+        outer = (other_factors[:, :, None] * other_factors[:, None, :]).reshape(-1, size * size)
+        highest = jax.lax.Precision.HIGHEST  # exact float32 sums on accelerators too (no TF32)
+        gram = jnp.matmul(side.counts, outer, precision=highest).reshape(num_rows, size, size)
+        return gram, jnp.matmul(side.sums, other_factors, precision=highest)
+
+    def add_chunk(carry, chunk):
+        gram, rhs = carry
+        own, other, targets = chunk
+        vectors = jnp.take(other_factors, other, axis=0)
+        gram = gram.at[own].add(vectors[:, :, None] * vectors[:, None, :], mode="drop")
+        rhs = rhs.at[own].add(vectors * targets[:, None], mode="drop")
+        return (gram, rhs), None
+
+    init = (jnp.zeros((num_rows, size, size), other_factors.dtype), jnp.zeros((num_rows, size), other_factors.dtype))
+    (gram, rhs), _ = jax.lax.scan(add_chunk, init, (side.own, side.other, side.targets))
+    return gram, rhs
+
+
+def draw_rows(
+    key: jax.Array, gram: jax.Array, rhs: jax.Array, mu: jax.Array, lam: jax.Array, alpha: float
+) -> jax.Array:
+    """Draws every row of one side from its Gaussian conditional.
+
+    Row u has precision ``P = Lambda + alpha * gram[u]`` and mean ``inv(P) (alpha * rhs[u] + Lambda
+    mu)``; a row without training ratings is drawn from the prior.
+
+    Args:
+      gram, rhs: from :func:`normal_equations`.
+      mu, lam: the side's hyper-parameters.
+      alpha: the observation precision.
+
+    Returns:
+      float32[num_rows, F].
+    """
+    precision = lam[None] + alpha * gram
+    # jaxcf.core.linalg, not jnp.linalg: LAPACK's batched kernels can deadlock XLA's CPU thread pool.
+    chol = linalg.cholesky(precision)
+    right = alpha * rhs + (lam @ mu)[None]
+    mean = linalg.cho_solve(chol, right)
+    noise = jax.random.normal(key, mean.shape, mean.dtype)
+    # inv(L^T) z has covariance inv(L L^T) = inv(P).
+    return mean + linalg.solve_lower_transpose(chol, noise)
+
+
+def sample_side(
+    key: jax.Array, own: jax.Array, other: jax.Array, side: Side, alpha: float, num_rows: int | None = None
+) -> jax.Array:
+    """One side's hyper-parameters from its current vectors, then all its rows given the other side.
+
+    Rows at or beyond ``num_rows`` (a mesh's padding) stay zero.
+    """
+    key_hyper, key_rows = jax.random.split(key)
+    mu, lam = sample_hyperparameters(key_hyper, own, num_rows)
+    gram, rhs = normal_equations(other, side, own.shape[0])
+    drawn = draw_rows(key_rows, gram, rhs, mu, lam, alpha)
+    if num_rows is None or num_rows == own.shape[0]:
+        return drawn
+    return jnp.where((jnp.arange(own.shape[0]) < num_rows)[:, None], drawn, 0.0)
+
+
+def make_sweep(user_side: Side, item_side: Side, alpha: float, num_users: int | None = None,
+               num_items: int | None = None) -> Callable:
+    """``(keys [C], users float32[C, U, F], items float32[C, I, F]) -> (users, items)``: one Gibbs
+    sweep of C independent chains, vmapped (not jitted: the caller jits it with its shardings)."""
+
+    def sweep(key, users, items):
+        key_users, key_items = jax.random.split(key)
+        users = sample_side(key_users, users, items, user_side, alpha, num_users)
+        items = sample_side(key_items, items, users, item_side, alpha, num_items)
+        return users, items
+
+    return jax.vmap(sweep)
+
+
+def kept_sweeps(sweeps: int, burn_in: int, per_chain: int) -> list[int]:
+    """The 1-based sweeps whose samples are kept: ``per_chain`` of them, evenly spaced, ending with
+    the last sweep, all after the burn-in.
+
+    Raises:
+      DataError: when fewer than ``per_chain`` sweeps follow the burn-in (a config problem; see
+        :func:`jaxcf.core.config.validate`).
+    """
+    thin = (sweeps - burn_in) // per_chain
+    if thin < 1:
+        raise DataError(f"{sweeps} sweeps after a burn-in of {burn_in} cannot give {per_chain} samples per chain")
+    return [sweeps - thin * j for j in reversed(range(per_chain))]
+
+
+
+
+class GibbsState(NamedTuple):
+    """The sampler's state: the chains now, and the samples kept so far.
+
+    Attributes:
+      users, items: float32[C, U, F], float32[C, I, F] each chain's current sample.
+      kept_users, kept_items: float32[S, C, U, F], float32[S, C, I, F]: slot ``s`` holds the chains'
+        samples of the ``s``-th kept sweep (zeros until then).
+    """
+
+    users: jax.Array
+    items: jax.Array
+    kept_users: jax.Array
+    kept_items: jax.Array
+
+
+def row_axes(state: GibbsState) -> GibbsState:
+    return GibbsState(1, 1, 2, 2)
+
+
+def _member_scores(state_parts, users, items, mean):
+    """float32[C + 1, n]: each chain's current prediction, then the mean of the kept samples (or of the
+    chains, before the first kept sweep)."""
+    chains, kept_users, kept_items, filled = state_parts
+    current = jnp.sum(chains[0][:, users] * chains[1][:, items], axis=-1) + mean
+    kept = jnp.einsum("scnf,scnf->sn", kept_users[:, :, users], kept_items[:, :, items],
+                      precision=jax.lax.Precision.HIGHEST) / chains[0].shape[0] + mean
+    count = jnp.sum(filled)
+    ensemble = jnp.where(count > 0, jnp.sum(filled[:, None] * kept, axis=0) / jnp.maximum(count, 1),
+                         jnp.mean(current, axis=0))
+    return jnp.concatenate([current, ensemble[None]], axis=0)
+
+
+def as_members(state: GibbsState, mean: float) -> dict[str, jax.Array]:
+    """Kept samples as ``S * C`` dot models with the mean folded in (sweep-major, then chain)."""
+    users = state.kept_users.reshape(-1, *state.kept_users.shape[2:])
+    items = state.kept_items.reshape(-1, *state.kept_items.shape[2:])
+    ones = jnp.ones((*users.shape[:2], 1), users.dtype)
+    means = jnp.full((*items.shape[:2], 1), mean, items.dtype)
+    return {"user_embedding": jnp.concatenate([users, ones], axis=2),
+            "item_embedding": jnp.concatenate([items, means], axis=2)}
+
+
+def family(config: Any, dataset: Dataset, layout=None) -> Family:
+    """The Gibbs sampler as a family: ``config.ensemble.chains`` chains, ``train.epochs`` sweeps each.
+
+    ``model.n_factors`` is F; ``ensemble.size`` samples are kept in all, ``size / chains`` per chain;
+    ``ensemble.burn_in`` and ``ensemble.noise_precision`` (alpha) as documented in ``jaxcf.core.config``.
+    """
+    ratings = dataset.ratings
+    train = dataset.split.train
+    size, chains, factors = config.ensemble.size, config.ensemble.chains, config.model.n_factors
+    per_chain = size // chains
+    kept = kept_sweeps(config.train.epochs, config.ensemble.burn_in, per_chain)
+    slot_of = {sweep: slot for slot, sweep in enumerate(kept)}
+    mean = float(np.mean(ratings.ratings[train], dtype=np.float64))
+    centred = ratings.ratings[train].astype(np.float64) - mean
+    num_users, num_items = ratings.num_users, ratings.num_items
+    rows_u = layout.padded_rows(num_users) if layout else num_users
+    rows_i = layout.padded_rows(num_items) if layout else num_items
+    user_side = make_side(ratings.users[train], ratings.items[train], centred, rows_u, rows_i)
+    item_side = make_side(ratings.items[train], ratings.users[train], centred, rows_i, rows_u)
+    alpha = config.ensemble.noise_precision
+    chain_key = rng.stream(config.seed, "chains")
+    chain_keys = jnp.stack([jax.random.fold_in(chain_key, c) for c in range(chains)])
+    train_u, train_i = ratings.users[train], ratings.items[train]
+    train_targets = ratings.ratings[train]
+    evaluation = metrics.Evaluation.of(dataset, None)
+    role = "valid" if evaluation.has("valid") else "test" if evaluation.has("test") else None
+
+    def store(state, slot):
+        return state._replace(kept_users=state.kept_users.at[slot].set(state.users),
+                              kept_items=state.kept_items.at[slot].set(state.items))
+
+    def train_mse(users, items):
+        predictions = jnp.sum(users[:, train_u] * items[:, train_i], axis=-1) + mean
+        return jnp.mean((predictions - train_targets[None]) ** 2, axis=1)
+
+    def scores(parts, u, i):
+        return _member_scores(parts, u, i, mean)
+
+    if layout is None:
+        user_side_d = jax.tree.map(jnp.asarray, user_side)
+        item_side_d = jax.tree.map(jnp.asarray, item_side)
+        sweep_fn = jax.jit(lambda k, u, i, us, its: make_sweep(us, its, alpha, num_users, num_items)(k, u, i),
+                           donate_argnums=(1, 2))
+        store_fn = jax.jit(store, donate_argnums=(0,))
+        train_fn = jax.jit(train_mse)
+    else:
+        user_side_d, item_side_d = layout.replicate(user_side), layout.replicate(item_side)
+        shard_u, shard_k = layout.sharding(3, 1), layout.sharding(4, 2)
+        state_shardings = GibbsState(shard_u, shard_u, shard_k, shard_k)
+        sweep_fn = jax.jit(
+            lambda k, u, i, us, its: make_sweep(us, its, alpha, num_users, num_items)(k, u, i),
+            in_shardings=(layout.replicated, shard_u, shard_u, jax.tree.map(lambda _: layout.replicated, user_side),
+                          jax.tree.map(lambda _: layout.replicated, item_side)),
+            out_shardings=(shard_u, shard_u),
+            donate_argnums=(1, 2),
+        )
+        store_fn = jax.jit(store, in_shardings=(state_shardings, layout.replicated),
+                           out_shardings=state_shardings, donate_argnums=(0,))
+
+        def train_fn(users, items):
+            return layout.fetch(train_mse, users, items)
+
+    predict = scoring.pair_predictor(scores, evaluation.users, evaluation.items, config.train.eval_batch_size,
+                                     layout)
+
+    def init():
+        root = rng.stream(config.seed, "init")
+        # Small random starts; the burn-in forgets them (the paper starts from a MAP solution instead).
+        users = 0.1 * jax.random.normal(jax.random.fold_in(root, 0), (chains, num_users, factors))
+        items = 0.1 * jax.random.normal(jax.random.fold_in(root, 1), (chains, num_items, factors))
+        return GibbsState(users, items, jnp.zeros((per_chain, chains, num_users, factors)),
+                          jnp.zeros((per_chain, chains, num_items, factors)))
+
+    def epoch(state, number):
+        sweep_number = number + 1
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(chain_keys, sweep_number)
+        users, items = sweep_fn(keys, state.users, state.items, user_side_d, item_side_d)
+        state = state._replace(users=users, items=items)
+        if sweep_number in slot_of:
+            state = store_fn(state, slot_of[sweep_number])
+        return state, np.asarray(train_fn(state.users, state.items), np.float64)  # the sweep's host sync
+
+    def record(state, number, losses, carry, evaluate=True):
+        filled = np.asarray([sweep <= number + 1 for sweep in kept], np.float32)
+        if not evaluate:
+            return {"epoch": number + 1, "train_loss": float(np.mean(losses)),
+                    "members": int(filled.sum()) * chains}, carry
+        parts = ((state.users, state.items), state.kept_users, state.kept_items, jnp.asarray(filled))
+        all_scores = predict(parts).astype(np.float64)
+        current, ensemble = all_scores[:-1], all_scores[-1]
+        result = {
+            "epoch": number + 1,
+            "train_loss": float(np.mean(losses)),
+            **evaluation.metrics(ensemble),
+            "members": int(filled.sum()) * chains,
+        }
+        if role:  # each chain's current sample as a model of its own (from its rows)
+            part = evaluation.part(role)
+            targets = evaluation.targets[part]
+            result[f"sample_{role}_rmse"] = float(np.mean(np.sqrt(np.mean((current[:, part] - targets) ** 2, axis=1))))
+        if not np.all(np.isfinite(ensemble)):  # the loop decides; it reads the losses itself
+            result["diverged"] = "the sampler's predictions are not finite"
+        return result, carry
+
+    return Family(
+        name=SPEC.name,
+        init=init,
+        epoch=epoch,
+        record=record,
+        params=lambda state: as_members(state, mean),
+        row_axes=row_axes,
+        final=lambda params: metrics.final_metrics(dataset, None, params),
+        model_info=SPEC.model_info(n_factors=factors + 1, y_range=None, num_users=num_users, num_items=num_items,
+                                   ensemble_size=size),
+        divergence_hint="check the ratings' scale (they are centred on their mean, but must be finite and "
+                        "moderate) or lower ensemble.noise_precision",
+    )
