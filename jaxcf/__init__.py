@@ -20,6 +20,7 @@ from jaxcf.core.errors import (
     WorkdirError,
 )
 from jaxcf.core.models import EmbeddingDot, EmbeddingDotBias
+from jaxcf.data.registry import bundled_frame as ratings_frame
 from jaxcf.serving.inference import Model, Predictions, Ranking, load_model
 
 
@@ -51,4 +52,5 @@ __all__ = [
     "enable_compilation_cache",
     "fit",
     "load_model",
+    "ratings_frame",
 ]

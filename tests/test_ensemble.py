@@ -119,7 +119,7 @@ def test_gibbs_ensemble_learns_a_low_rank_table(small_csv, tmp_path):
     # of 0.3 is learnable: BPMF gets about 0.35 here, plain SGD MF about 0.41.
     assert final["valid_rmse"] < 0.45
     loaded = export.read(workdir)
-    assert loaded.metadata["model"]["ensemble_size"] == 4 and loaded.metadata["model"]["kind"] == "dot"
+    assert loaded.metadata["model"]["ensemble_size"] == 4 and loaded.metadata["model"]["kind"] == "bpmf"
     users, items = loaded.weights["user_embedding"], loaded.weights["item_embedding"]
     assert users.shape[::2] == (4, 4) and items.shape[::2] == (4, 4)  # F = 3 plus the folded-in mean
     np.testing.assert_array_equal(users[..., -1], 1.0)
@@ -139,7 +139,7 @@ def _train_ratings(workdir):
 def test_gibbs_config_errors_are_one_line(small_csv, tmp_path, capsys):
     code = _train(tmp_path / "x", "bias.yaml", f"data.path={small_csv}", "ensemble.method=gibbs", "train.epochs=40")
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "set model.kind: dot" in err and not (tmp_path / "x").exists()
+    assert code == 2 and "set model.kind: bpmf" in err and not (tmp_path / "x").exists()
 
 
 def test_wishart_draws_have_the_right_mean():

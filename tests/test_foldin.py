@@ -12,6 +12,7 @@ from jaxcf import config, data
 from jaxcf.cli import recommend, train
 from jaxcf.core import foldin
 from jaxcf.core.errors import ModelError
+from jaxcf.serving.foldin import make_solver
 from jaxcf.training import strong
 
 
@@ -45,7 +46,7 @@ HISTORY = pd.DataFrame({"userId": [900, 900, 900, 900, 901, 901], "movieId": [10
 def test_dot_fold_in_is_the_posterior_mean_of_bayesian_ridge(tmp_path, small):
     model = _model(tmp_path, small, "dot")
     folded = model.fold_in(HISTORY)
-    solver = foldin.Solver(model.export.weights, model.metadata, model.user_counts)
+    solver = make_solver(model.export.weights, model.metadata, model.user_counts)
     # NumPy, float64: prior fitted to the users with ratings, alpha from the validation MSE.
     users = model.export.weights["user_embedding"].astype(np.float64)[model.user_counts > 0]
     mean, cov = users.mean(0), np.cov(users.T)
@@ -63,7 +64,7 @@ def test_dot_fold_in_is_the_posterior_mean_of_bayesian_ridge(tmp_path, small):
 def test_bias_fold_in_reaches_the_optimum_of_its_objective(tmp_path, small):
     model = _model(tmp_path, small, "bias")
     folded = model.fold_in(HISTORY)
-    solver = foldin.Solver(model.export.weights, model.metadata, model.user_counts)
+    solver = make_solver(model.export.weights, model.metadata, model.user_counts)
     low, high = model.y_range
     w = model.export.weights
     for user, rows in HISTORY[HISTORY.movieId != 999].groupby("userId"):
@@ -154,7 +155,7 @@ def test_bad_ratings_are_one_line_errors(tmp_path, small):
     model = _model(tmp_path, small, "dot")
     with pytest.raises(ModelError, match="missing column"):
         model.fold_in(pd.DataFrame({"user": [1], "item": [2], "rating": [3.0]}))
-    with pytest.raises(ModelError, match="finite numbers"):
+    with pytest.raises(ModelError, match="not numeric"):
         model.fold_in(pd.DataFrame({"userId": [1], "movieId": [101], "rating": ["five"]}))
     with pytest.raises(ModelError, match="cannot be an id here"):
         model.fold_in(pd.DataFrame({"userId": ["abc"], "movieId": [101], "rating": [3.0]}))
@@ -186,10 +187,15 @@ def test_recommend_cli_folds_in_a_ratings_file(tmp_path, small, capsys):
     HISTORY.to_csv(history, index=False)
     argv = ["--model", str(tmp_path / "bias"), "--ratings", str(history), "--user", "900", "--k", "3",
             "--save", str(tmp_path / "saved")]
+    # A file that also holds another user's ratings is refused: --ratings is the one user's history.
+    assert recommend.main(argv) == 2
+    assert "names user(s) 901, not --user 900" in capsys.readouterr().err
+    assert not (tmp_path / "saved").exists()
+    HISTORY[HISTORY.userId == 900].to_csv(history, index=False)
     assert recommend.main(argv) == 0
     out = capsys.readouterr().out
-    assert "folded in 2 new and 0 known user(s)" in out and "999" in out and "top 3 for user 900" in out
-    assert json.loads((tmp_path / "saved" / "metadata.json").read_text())["model"]["num_users"] == 42
+    assert "folded in user 900 (new)" in out and "999" in out and "top 3 for user 900" in out
+    assert json.loads((tmp_path / "saved" / "metadata.json").read_text())["model"]["num_users"] == 41
 
 
 def test_strong_generalisation_on_a_small_case():

@@ -325,7 +325,7 @@ def test_each_model_trains_resumes_exports_loads_recommends_and_folds_in(kind, t
         for name in weights[0]:
             np.testing.assert_array_equal(weights[0][name], weights[1][name], err_msg=name)
     model = jaxcf.load_model(tmp_path / "full")
-    assert model.metadata["model"]["family"] == kind and model.kind == kind  # it says what it is
+    assert model.metadata["model"]["kind"] == kind and model.kind == kind  # it says what it is
     ranking = model.recommend(1, k=5)
     seen = set(model.item_ids.raw[model.seen(int(model.lookup_users(1)[0][0]))].tolist())
     assert len(ranking.ids) == 5 and not seen & set(ranking.ids.tolist())

@@ -170,7 +170,7 @@ def test_sweep_cli_trains_every_member_and_reports_the_best(small_csv, tmp_path,
         (["--grid", "seed=1,2"], "use --seeds"),
         (["--seeds", "0"], "--seeds must be >= 1"),
         (["--set", "optim.name=lazy_adam"], "adam or adamw"),
-        (["--set", "ensemble.method=gibbs", "model.kind=dot", "ensemble.size=1", "train.epochs=30"], "gibbs"),
+        (["--set", "model.kind=bpmf"], "model.kind bpmf is trained by python -m jaxcf.train"),
     ],
 )
 def test_sweep_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
@@ -256,7 +256,7 @@ def test_grid_values_in_exponent_notation_are_numbers():
 
 
 def test_the_sweep_refuses_a_mesh(tmp_path, capsys):
-    from jaxcf.training import sweep
+    from jaxcf.cli import sweep
 
     assert sweep.main(["--config", "bias.yaml", "--seeds", "2", "--set", "mesh.model=2", "--out",
                        str(tmp_path / "s.json"), "--quiet"]) == 2

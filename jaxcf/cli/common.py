@@ -15,6 +15,19 @@ from jaxcf.core import cache
 from jaxcf.core.errors import JaxcfError, exit_status
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a notice is logged (a test's capture, a
+    redirected stream), never to a stream closed since the handler was made."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def run(body: Callable[[], int]) -> int:
     """Runs a command's body, turning the errors a user can fix into one line and an exit status; the
     persistent compilation cache is on for it (``jaxcf.core.cache``; ``JAXCF_COMPILATION_CACHE=off`` turns it off)."""
@@ -22,9 +35,10 @@ def run(body: Callable[[], int]) -> int:
     for stream in (sys.stdout, sys.stderr):  # an id that is not valid Unicode is shown escaped, not a traceback
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
     notices = logging.getLogger("jaxcf")  # the library's one-line notices (e.g. an old config translated)
     if not notices.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         notices.addHandler(handler)
         notices.propagate = False
@@ -37,6 +51,19 @@ def run(body: Callable[[], int]) -> int:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         print(f"error: {first}", file=sys.stderr)
         return 2
+
+
+def _quiet_closed_loops(hook):
+    """``sys.unraisablehook`` without one kind of noise: after a checkpoint write fails (a full disk),
+    tensorstore's pending callbacks reach an event loop orbax has closed, and each reports ``RuntimeError:
+    Event loop is closed`` through this hook from a native thread. The failure itself is one line."""
+
+    def unraisable(info):
+        if isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed":
+            return
+        hook(info)
+
+    return unraisable
 
 
 def load_model(path):

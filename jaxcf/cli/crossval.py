@@ -28,6 +28,7 @@ What does not live here: the splits' training and scoring (``jaxcf.training.cros
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import sys
@@ -160,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"results in {out_path}")
             return 0
         points = grid_points(args.grid)
-        if len(points) > 1 and args.holdout is None and not has_validation(config.data):
+        if len(points) > 1 and args.holdout is None and not all(
+                has_validation(dataclasses.replace(config.data, split=split)) for split in splits):
             raise ConfigError("--grid chooses among its points on validation rows, and these splits have none (a named "
                               "fold's .test part is a test set, never used to choose): add --holdout 0.1")
         results = []

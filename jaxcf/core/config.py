@@ -61,8 +61,9 @@ class DataConfig:
     # for implicit models, latest interactions) validate, the rest train; users with k or fewer
     # keep all in training. 0 = off (valid_fraction's random split).
     leave_last: int = 0
-    # The timestamp column of a CSV or DataFrame (numbers or dates); read only for leave_last.
-    timestamp_col: str = "timestamp"
+    # The timestamp column of a CSV or DataFrame (numbers or dates): read for leave_last and for a family
+    # that uses times (its spec says); null for data without times.
+    timestamp_col: str | None = "timestamp"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -90,6 +90,7 @@ class Spec:
       members: ``config -> int``, the seeds it uses from ``config.seed`` up (an ensemble's members).
       cold_start_by_bias: an unknown user's answer ranks items by learned item bias (else by count).
       sections: ``(name, dataclass)`` config sections of the family's own (beyond the shared ones).
+      times: ``config -> bool``, whether the family reads the ratings' timestamps (every part's).
     """
 
     name: str
@@ -104,6 +105,7 @@ class Spec:
     members: Callable[[Any], int] = lambda config: 1
     cold_start_by_bias: bool = False
     sections: tuple = ()
+    times: Callable[[Any], bool] = lambda config: False
 
     @property
     def implicit(self) -> bool:
@@ -117,6 +119,9 @@ class Spec:
 class Builder(Protocol):
     """What the training loop is handed to get its family (``jaxcf.families``, the registry, is one): it
     never imports a family itself."""
+
+    def load_data(self, config: Any) -> Any:
+        """The dataset the config names, with what its family reads (e.g. timestamps)."""
 
     def prepare(self, config: Any, dataset: Any) -> Any:
         """The data the config's family learns from (e.g. interactions from ratings)."""

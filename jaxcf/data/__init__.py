@@ -5,7 +5,7 @@ from jaxcf.core.errors import DataError
 from jaxcf.data.ids import IdMap
 from jaxcf.data.implicit import interactions
 from jaxcf.data.ratings import Ratings, load_csv, ratings_from_frame
-from jaxcf.data.registry import DATASETS, Dataset, from_frame, holdout, load
+from jaxcf.data.registry import DATASETS, Dataset, bundled_frame, from_frame, holdout, load
 from jaxcf.data.splits import Split, holdout_split, random_split
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "IdMap",
     "Ratings",
     "Split",
+    "bundled_frame",
     "from_frame",
     "holdout",
     "holdout_split",

@@ -104,19 +104,26 @@ def train_split(users: np.ndarray, timestamps: np.ndarray | None, rows: np.ndarr
     return Split(rows[inner.train], rows[inner.valid], inner.name)
 
 
-def from_parts(train: Any, valid: Any, test: Any, data_config, seed: int) -> tuple[Ratings, Split]:
+def from_parts(train: Any, valid: Any, test: Any, data_config, seed: int,
+               timestamps: bool = False) -> tuple[Ratings, Split]:
     """The merged table and its split from a training part and optional validation and test parts.
 
+    Args:
+      timestamps: read ``data.timestamp_col`` of every part (a family that uses times); without it, only
+        the training part's, and only for ``data.leave_last``.
+
     Raises:
-      DataError: an unreadable part, or a split that leaves the training rows empty.
+      DataError: an unreadable part, a missing timestamp column, or a split that leaves the training rows empty.
     """
-    timestamps = bool(data_config.leave_last)
+    if (timestamps or data_config.leave_last) and not data_config.timestamp_col:
+        raise DataError("data.timestamp_col is null, and this run needs times (data.leave_last, or a model family "
+                        "that uses them); name the timestamp column")
     if valid is not None and data_config.leave_last:
         raise DataError("data.leave_last chooses validation rows and a validation part was given too; use one")
     parts = [("train", train), ("valid", valid), ("test", test)]
-    tables = [read_part(part, data_config, role, timestamps and role == "train") for role, part in parts
-              if part is not None]
-    if timestamps:  # only the training part needs them; the others may lack the column
+    tables = [read_part(part, data_config, role, timestamps or (bool(data_config.leave_last) and role == "train"))
+              for role, part in parts if part is not None]
+    if data_config.leave_last and not timestamps:  # only the training part needs them; the others may lack them
         tables = [t if t.timestamps is not None else dataclasses.replace(t, timestamps=np.zeros(len(t), np.int64))
                   for t in tables]
     table, rows = merge(tables)

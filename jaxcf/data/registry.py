@@ -174,6 +174,27 @@ def _ml_100k(split: str | None, valid_fraction: float, seed: int, rating_range) 
                                   test=np.flatnonzero(mask)), titles)
 
 
+def bundled_frame(name: str = "ml-latest-small") -> pd.DataFrame:
+    """A bundled dataset's ratings as a DataFrame, columns ``userId, movieId, rating, timestamp`` (the
+    config defaults' names, so ``jaxcf.fit(jaxcf.ratings_frame())`` needs no column settings), in file
+    order, checksum verified. Public as ``jaxcf.ratings_frame``.
+
+    Args:
+      name: ``ml-latest-small`` (the notebook's October 2016 release) or ``ml-100k`` (``u.data``).
+
+    Raises:
+      DataError: another name (the downloaded datasets are read by ``data.name``), or a damaged install.
+    """
+    if name == "ml-latest-small":
+        payload = read_bundled("ml-latest-small-2016", "ratings.csv")
+        return pd.read_csv(io.BytesIO(payload), engine="pyarrow", usecols=["userId", "movieId", "rating", "timestamp"])
+    if name == "ml-100k":
+        frame = _ml100k_frame(read_bundled("ml-100k", "u.data"))
+        return frame.rename(columns={"user": "userId", "item": "movieId"})
+    raise DataError(f"no bundled dataset {name!r}: choose ml-latest-small or ml-100k "
+                    "(the others are downloaded by data.name)")
+
+
 # ------------------------------------------------------------------------------ downloaded
 
 # Official GroupLens archives. Sizes and sha256 digests of ml-latest-small (2018), ml-1m, ml-20m and
@@ -289,7 +310,7 @@ DATASETS: dict[str, Loader] = {
 }
 
 
-def from_frame(frame, data_config, seed: int, *, valid=None, test=None) -> Dataset:
+def from_frame(frame, data_config, seed: int, *, valid=None, test=None, timestamps: bool = False) -> Dataset:
     """A Dataset from a pandas DataFrame (or a CSV path: the training part), with optional validation and test parts
     (DataFrames or CSV paths; by default ``data.valid_path`` and ``data.test_path``): the config's column
     names and checks (``jaxcf.data.files``).
@@ -301,7 +322,7 @@ def from_frame(frame, data_config, seed: int, *, valid=None, test=None) -> Datas
         raise DataError("data.split names a predefined split of a registry dataset; it cannot be used with a DataFrame")
     valid = valid if valid is not None else data_config.valid_path
     test = test if test is not None else data_config.test_path
-    ratings, split = from_parts(frame, valid, test, data_config, seed)
+    ratings, split = from_parts(frame, valid, test, data_config, seed, timestamps)
     return Dataset(ratings, split)
 
 
@@ -321,12 +342,12 @@ def holdout(dataset: Dataset, fraction: float, seed: int) -> Dataset:
     return dataclasses.replace(dataset, split=holdout_split(dataset.split, fraction, seed))
 
 
-def load(data_config, seed: int) -> Dataset:
+def load(data_config, seed: int, timestamps: bool = False) -> Dataset:
     """Loads the dataset a ``DataConfig`` names (``path`` overrides ``name``) and splits it.
 
     With ``data.path``, ``data.valid_path`` and ``data.test_path`` give the validation and test parts
-    (``jaxcf.data.files``). Downloadable datasets are fetched into the cache on first use
-    (``jaxcf.data.download``).
+    (``jaxcf.data.files``); ``timestamps`` reads their ``data.timestamp_col`` too (the named datasets always
+    have times). Downloadable datasets are fetched into the cache on first use (``jaxcf.data.download``).
 
     Raises:
       DataError: unknown names, unreadable or invalid files, impossible splits, failed downloads.
@@ -337,7 +358,7 @@ def load(data_config, seed: int) -> Dataset:
                 "data.split names a predefined split of a registry dataset; it cannot be used with data.path"
             )
         ratings, split = from_parts(data_config.path, data_config.valid_path, data_config.test_path, data_config,
-                                    seed)
+                                    seed, timestamps)
         return Dataset(ratings, split)
     if data_config.valid_path is not None or data_config.test_path is not None:
         raise DataError("data.valid_path and data.test_path go with your own training file: set data.path to it "

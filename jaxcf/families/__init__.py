@@ -153,6 +153,13 @@ def for_export(model_info: Mapping[str, Any]) -> Spec:
     return SPECS[kind]
 
 
+def load_data(config):
+    """The dataset ``config.data`` names, with the timestamps its family reads."""
+    from jaxcf.data import load
+
+    return load(config.data, config.seed, timestamps=resolve(config).times(config))
+
+
 def prepare(config, dataset):
     """The data a family learns from: the ratings, or for an implicit-feedback family its interactions
     (ratings of at least ``data.implicit_threshold``; ``jaxcf.data.implicit``)."""
@@ -168,5 +175,5 @@ def build(config, dataset, layout=None, orders=None) -> Family:
     return resolve(config).build(config, dataset, layout, orders)
 
 
-__all__ = ["SPECS", "Config", "Spec", "build", "export_kind", "for_export", "from_dict", "load", "prepare",
+__all__ = ["SPECS", "Config", "Spec", "build", "export_kind", "for_export", "from_dict", "load", "load_data", "prepare",
            "replace", "resolve", "spec", "translate", "validate"]

@@ -26,7 +26,6 @@ from typing import Any
 from jaxcf import families
 from jaxcf.core.errors import ConfigError, WorkdirError
 from jaxcf.data import from_frame
-from jaxcf.data import load as load_dataset
 from jaxcf.families import Config
 from jaxcf.serving.inference import Model
 from jaxcf.training import loop as trainer
@@ -98,7 +97,8 @@ def fit(
     dataset = None
     if isinstance(data, pd.DataFrame) or (frames and resolved.data.path is not None):
         train = data if isinstance(data, pd.DataFrame) else resolved.data.path
-        dataset = from_frame(train, resolved.data, resolved.seed, **frames)
+        dataset = from_frame(train, resolved.data, resolved.seed, **frames,
+                             timestamps=families.resolve(resolved).times(resolved))
     elif frames:
         raise ConfigError("validation or test data go with your own training data: pass it as a "
                                         "DataFrame or a path")
@@ -135,5 +135,5 @@ def restore_checkpoint(workdir: str | Path, epoch: int | None = None):
     if not (workdir / "config.yaml").is_file():
         raise WorkdirError(f"{workdir} holds no run (no config.yaml)")
     config = families.load(workdir / "config.yaml", ["mesh.data=1", "mesh.model=1", "distributed.num_processes=1"])
-    dataset = families.prepare(config, load_dataset(config.data, config.seed))
+    dataset = families.prepare(config, families.load_data(config))
     return trainer.restore(workdir, config, families.build(config, dataset), epoch)

@@ -25,7 +25,6 @@ import numpy as np
 from jaxcf import families
 from jaxcf.core.configfile import parse_grid
 from jaxcf.data import Dataset, holdout
-from jaxcf.data import load as load_dataset
 from jaxcf.serving import export, heldout
 from jaxcf.training import api
 from jaxcf.training.workdir import test_key
@@ -38,7 +37,7 @@ def split_dataset(config, split: str | None, holdout_fraction: float | None) -> 
     """The config with ``data.split`` set, and its dataset (a holdout of its training rows if asked; for
     an implicit-feedback model, of its training interactions)."""
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, split=split))
-    dataset = families.prepare(config, load_dataset(config.data, config.seed))
+    dataset = families.prepare(config, families.load_data(config))
     if holdout_fraction is not None:
         dataset = holdout(dataset, holdout_fraction, config.seed)
     return config, dataset

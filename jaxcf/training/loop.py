@@ -42,7 +42,6 @@ from jaxcf.core.errors import JaxcfError, TrainingDiverged, WorkdirError
 from jaxcf.core.family import Builder, Family
 from jaxcf.core.fileio import atomic_write_text, strict_json
 from jaxcf.data import Dataset
-from jaxcf.data import load as load_dataset
 from jaxcf.serving import export
 from jaxcf.training import checkpoint, guards
 from jaxcf.training import workdir as wd
@@ -306,7 +305,7 @@ def fit(
         out = open(os.devnull, "w")  # closed when the process ends
     if workdir is not None:
         wd.check(Path(workdir), resume, config, builder)
-    dataset = builder.prepare(config, dataset if dataset is not None else load_dataset(config.data, config.seed))
+    dataset = builder.prepare(config, dataset if dataset is not None else builder.load_data(config))
     if resume:
         wd.check_data(Path(workdir), dataset.fingerprint())
     family = builder.build(config, dataset, layout, orders)

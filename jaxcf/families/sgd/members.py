@@ -41,7 +41,7 @@ from jaxcf.core import distributed, metrics, models, optim, rng, scoring, steps
 from jaxcf.core.config import to_dict
 from jaxcf.core.errors import ConfigError
 from jaxcf.core.family import Family
-from jaxcf.families import sgd
+from jaxcf.families.sgd import fit as sgd
 
 # Keys whose values may differ between the members of one compiled program (besides the seed).
 VMAPPED = ("optim.learning_rate", "optim.weight_decay", "optim.row_l2", "optim.b1", "optim.b2", "optim.eps")
