@@ -244,40 +244,111 @@ def test_conjugate_gradient_converges_to_the_exact_solve(implicit_data):
 # ------------------------------------------------------------------------------ BPR and EASE against NumPy
 
 
-def test_a_bpr_step_is_gradient_descent_on_the_bpr_loss():
+def _bpr_case():
     rng = np.random.default_rng(1)
     params = {"user_embedding": rng.normal(0, 0.3, (3, 2)).astype(np.float32),
               "item_embedding": rng.normal(0, 0.3, (4, 2)).astype(np.float32),
               "item_bias": rng.normal(0, 0.1, (4, 1)).astype(np.float32)}
-    cfg = config.load("bias.yaml", ["model.kind=bpr", "optim.name=sgd", "optim.learning_rate=0.5",
-                                    "optim.weight_decay=0", "implicit.l2=0.01"])
-    optimizer = optim.build(cfg.optim, 1)
-    packed = sparse.pack(optimizer, {k: jnp.asarray(v) for k, v in params.items()}, optimizer.init(params))
-    step = bpr.make_step(optimizer, 1, 0.01, 4)
-    import jax
-
-    key = jax.random.key(7)
     users, positives = jnp.asarray([0, 2, 0]), jnp.asarray([1, 3, 2])
-    new, loss = step(packed, key, users, positives, jnp.ones(3))
-    negatives = np.asarray(jax.random.randint(key, (3, 1), 0, 4, jnp.int32))[:, 0]
-    # NumPy: the loss's gradient with respect to each table, then one SGD step.
+    return params, users, positives
+
+
+def _bpr_gradients(params, users, positives, negatives, scale):
+    """NumPy, float64: the gradient of ``scale`` times the summed BPR loss (l2 0.01) with respect to each table."""
     u, v, b = (params[k].astype(np.float64) for k in ("user_embedding", "item_embedding", "item_bias"))
     grads = {"u": np.zeros_like(u), "v": np.zeros_like(v), "b": np.zeros_like(b)}
     total = 0.0
     for user, pos, neg in zip(users.tolist(), positives.tolist(), negatives.tolist()):
         x = u[user] @ (v[pos] - v[neg]) + b[pos, 0] - b[neg, 0]
-        total += np.log1p(np.exp(-x)) / 3
-        g = -1 / (1 + np.exp(x)) / 3
-        grads["u"][user] += g * (v[pos] - v[neg]) + 2 * 0.01 * u[user] / 3
-        grads["v"][pos] += g * u[user] + 2 * 0.01 * v[pos] / 3
-        grads["v"][neg] += -g * u[user] + 2 * 0.01 * v[neg] / 3
-        grads["b"][pos, 0] += g + 2 * 0.01 * b[pos, 0] / 3
-        grads["b"][neg, 0] += -g + 2 * 0.01 * b[neg, 0] / 3
+        total += np.log1p(np.exp(-x)) * scale
+        g = -1 / (1 + np.exp(x)) * scale
+        grads["u"][user] += g * (v[pos] - v[neg]) + 2 * 0.01 * u[user] * scale
+        grads["v"][pos] += g * u[user] + 2 * 0.01 * v[pos] * scale
+        grads["v"][neg] += -g * u[user] + 2 * 0.01 * v[neg] * scale
+        grads["b"][pos, 0] += g + 2 * 0.01 * b[pos, 0] * scale
+        grads["b"][neg, 0] += -g + 2 * 0.01 * b[neg, 0] * scale
+    return (u, v, b), grads, total
+
+
+UNIFORM_4 = bpr.Sampler(jnp.arange(4, dtype=jnp.int32), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32), 0)
+
+
+def test_a_bpr_step_is_gradient_descent_on_the_bpr_loss():
+    """The row-sparse engine's step (lazy_adam's path) run with plain SGD: one step on the batch's mean loss."""
+    import jax
+
+    params, users, positives = _bpr_case()
+    cfg = config.load("bias.yaml", ["model.kind=bpr", "optim.name=sgd", "optim.learning_rate=0.5",
+                                    "optim.weight_decay=0", "implicit.l2=0.01"])
+    optimizer = optim.build(cfg.optim, 1)
+    packed = sparse.pack(optimizer, {k: jnp.asarray(v) for k, v in params.items()}, optimizer.init(params))
+    step = bpr.make_step(optimizer, UNIFORM_4, 1, 0.01)
+    drawn = bpr.draw_negatives(UNIFORM_4, jax.random.key(7), (3, 1))
+    new, loss = step(packed, drawn, users, positives, jnp.ones(3))
+    negatives = np.asarray(drawn)[:, 0]
+    (u, v, b), grads, total = _bpr_gradients(params, users, positives, negatives, 1 / 3)
     got, _ = sparse.unpack(optimizer, new)
     assert float(loss) == pytest.approx(total, rel=1e-5)
     np.testing.assert_allclose(got["user_embedding"], u - 0.5 * grads["u"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["item_embedding"], v - 0.5 * grads["v"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["item_bias"], b - 0.5 * grads["b"], rtol=1e-5, atol=1e-6)
+
+
+def test_the_sgd_bpr_step_is_learnbpr_per_triple():
+    """``optim.name: sgd``: every triple's own step (learning rate times its gradient) added to its rows, and
+    with distinct rows exactly implicit's update (``z = 1 / (1 + exp(score))``, ``regularization = 2 * l2``)."""
+    import jax
+
+    params, users, positives = _bpr_case()
+    step = bpr.make_sgd_step(0.5, UNIFORM_4, 1, 0.01)
+    drawn = bpr.draw_negatives(UNIFORM_4, jax.random.key(7), (3, 1))
+    new, loss = step(bpr.pack_items(params), drawn, users, positives, jnp.ones(3))
+    new = bpr.unpack_items(new)
+    negatives = np.asarray(drawn)[:, 0]
+    (u, v, b), grads, total = _bpr_gradients(params, users, positives, negatives, 1.0)
+    assert float(loss) == pytest.approx(total / 3, rel=1e-5)  # the reported loss is the batch mean
+    np.testing.assert_allclose(new["user_embedding"], u - 0.5 * grads["u"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["item_embedding"], v - 0.5 * grads["v"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new["item_bias"], b - 0.5 * grads["b"], rtol=1e-5, atol=1e-6)
+    # One triple (user 1, item 0, negative 3): implicit's cpu/bpr.pyx update, transcribed.
+    lr, reg = 0.5, 0.02
+    one = bpr.make_sgd_step(lr, UNIFORM_4, 1, reg / 2)
+    new, _ = one(bpr.pack_items(params), jnp.asarray([[3]]), jnp.asarray([1]), jnp.asarray([0]), jnp.ones(1))
+    new = bpr.unpack_items(new)
+    user = np.append(u[1], 1.0)
+    liked, disliked = np.append(v[0], b[0]), np.append(v[3], b[3])
+    z = 1.0 / (1.0 + np.exp(user @ (liked - disliked)))
+    want_user = user[:2] + lr * (z * (liked[:2] - disliked[:2]) - reg * user[:2])
+    want_liked = liked + lr * (z * user - reg * liked)
+    want_disliked = disliked + lr * (-z * user - reg * disliked)
+    np.testing.assert_allclose(new["user_embedding"][1], want_user, rtol=1e-5)
+    np.testing.assert_allclose(np.append(new["item_embedding"][0], new["item_bias"][0]), want_liked, rtol=1e-5)
+    np.testing.assert_allclose(np.append(new["item_embedding"][3], new["item_bias"][3]), want_disliked, rtol=1e-5)
+
+
+def test_bpr_negatives_by_popularity_and_verified():
+    """Popularity draws pick a training interaction's item; verification skips a triple whose negative the
+    user has (the bisection agrees with a set lookup on every pair)."""
+    import jax
+
+    rng = np.random.default_rng(3)
+    users = rng.integers(0, 30, 400)
+    items = (rng.zipf(1.5, 400) - 1) % 50
+    cfg = config.load("bpr.yaml", ["implicit.negative_sampling=popularity", "implicit.verify_negatives=true"])
+    sampler = bpr.make_sampler(cfg, users, items, 30, 50)
+    grid_u, grid_i = np.meshgrid(np.arange(30), np.arange(50), indexing="ij")
+    found = np.asarray(bpr.seen_by(sampler, jnp.asarray(grid_u.ravel()), jnp.asarray(grid_i.ravel())))
+    have = set(zip(users.tolist(), items.tolist()))
+    assert found.tolist() == [(a, c) in have for a, c in zip(grid_u.ravel().tolist(), grid_i.ravel().tolist())]
+    drawn = bpr.draw_negatives(sampler, jax.random.key(0), (400, 4))
+    weights = bpr.verified(sampler, jnp.asarray(users), drawn, jnp.ones(400))
+    draws = np.asarray(drawn)
+    assert set(draws.ravel().tolist()) <= set(items.tolist())
+    clash = np.array([[(a, d) in have for d in row] for a, row in zip(users.tolist(), draws.tolist())]).any(axis=1)
+    assert clash.any() and np.asarray(weights).tolist() == (~clash).astype(float).tolist()
+    counts = np.bincount(draws.ravel(), minlength=50) / draws.size
+    popular = np.bincount(items, minlength=50).argmax()
+    assert counts[popular] > 0.2  # zipf: the most frequent item is about a third of the interactions
 
 
 def test_ease_is_steck_s_closed_form():

@@ -113,7 +113,8 @@ def _implicit_programs(dataset):
     optimizer = optim.build(cfg.optim, 10)
     params = bpr.init_params(cfg, USERS, ITEMS)
     bpr_state = steps.TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
-    epoch = bpr.make_epoch(optimizer, cfg, ITEMS)
+    train_users, train_items = ratings.users[train], ratings.items[train]
+    epoch = bpr.make_epoch(optimizer, cfg, bpr.make_sampler(cfg, train_users, train_items, USERS, ITEMS))
     out.append(("bpr-epoch", epoch, (bpr_state, jax.random.key(0), jnp.asarray(ratings.users[train]),
                                      jnp.asarray(ratings.items[train]), jnp.arange(len(train), dtype=jnp.int32))))
     return out

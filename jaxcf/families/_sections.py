@@ -58,6 +58,11 @@ class ImplicitConfig:
     # rows a triple touches, in the loss. Trained with optim (lazy_adam recommended).
     negatives: int = 1
     l2: float = 1.0e-4
+    # BPR: negatives drawn uniformly from the catalogue ("uniform") or as the item of a random training
+    # interaction ("popularity", as the implicit library draws them); verify_negatives skips a triple
+    # whose negative the user has interacted with (implicit's verify_negative_samples).
+    negative_sampling: str = "uniform"
+    verify_negatives: bool = False
     # EASE (Steck 2019): the L2 weight lambda of the closed-form item-item model.
     ease_lambda: float = 500.0
     # blend: EASE's scores times this plus iALS's times (1 - this); both models regress the same 0/1
@@ -91,6 +96,7 @@ def validate(config) -> None:
     for key in ("cg_steps", "negatives"):
         at_least(f"implicit.{key}", getattr(implicit, key), 1)
     choice("implicit.solver", implicit.solver, ("cholesky", "cg"))
+    choice("implicit.negative_sampling", implicit.negative_sampling, ("uniform", "popularity"))
     if not 0 <= implicit.blend_ease_weight <= 1:
         raise ConfigError(f"implicit.blend_ease_weight: must be in [0, 1]; got {implicit.blend_ease_weight!r}")
 

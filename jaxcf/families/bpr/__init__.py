@@ -1,9 +1,10 @@
 """Bayesian personalised ranking (Rendle, Freudenthaler, Gantner & Schmidt-Thieme 2009): ``model.kind: bpr``.
 
 A user's score of an item is ``u . v_i + b_i``; each training interaction (u, i) is paired with
-``implicit.negatives`` items drawn uniformly, and the loss of a triple is ``-log sigmoid(s_ui - s_uj)`` plus
-``implicit.l2`` times the squared norms of the rows it touches, trained by a row-sparse optimizer
-(``optim.name: lazy_adam`` or ``sgd``). The export is a dot model: user rows ``[u, 1]``, item rows ``[v, b]``.
+``implicit.negatives`` items (drawn uniformly or by popularity, optionally verified), and the loss of a
+triple is ``-log sigmoid(s_ui - s_uj)`` plus ``implicit.l2`` times the squared norms of the rows it
+touches, trained by a row-sparse optimizer (``optim.name: lazy_adam``, or ``sgd``: LearnBPR's per-triple
+steps). The export is a dot model: user rows ``[u, 1]``, item rows ``[v, b]``.
 
 This module is the light half (the spec; fold-in: the user's BPR objective with the expectation over
 negatives taken exactly, every item of the catalogue, minimised by gradient descent from zero with a step
@@ -32,6 +33,9 @@ def validate(config) -> None:
     if config.optim.name not in ("lazy_adam", "sgd"):
         raise ConfigError(f"model.kind bpr trains with a row-sparse optimizer (lazy_adam or sgd); got "
                           f"optim.name {config.optim.name!r}")
+    if config.optim.name == "sgd" and config.optim.weight_decay:
+        raise ConfigError("model.kind bpr with optim.name sgd: BPR's regularisation is implicit.l2 (per triple, as "
+                          f"LearnBPR); set optim.weight_decay: 0 (got {config.optim.weight_decay!r})")
 
 
 @functools.partial(jax.jit, static_argnames=("num_rows",))
