@@ -223,7 +223,7 @@ def run_ease(dataset) -> dict:
     r, train = dataset.ratings, dataset.split.train
     users, items = r.users[train], r.items[train]
     begin = time.perf_counter()
-    ours = ease.solve(users, items, r.num_users, r.num_items, EASE_LAMBDA)
+    ours, _ = ease.solve(users, items, r.num_users, r.num_items, EASE_LAMBDA)
     solve_s = time.perf_counter() - begin
     cfg = config.load("ease.yaml", [f"implicit.ease_lambda={EASE_LAMBDA}"])
     family = ease.family(cfg, dataset)

@@ -16,6 +16,7 @@ import jaxcf
 from jaxcf import config, data
 from jaxcf.cli import train
 from jaxcf.core import optim, ranking, sparse
+from jaxcf.core.errors import ConfigError
 from jaxcf.data.implicit import interactions
 from jaxcf.families.bpr import fit as bpr
 from jaxcf.families.ease import fit as ease
@@ -356,7 +357,7 @@ def test_ease_is_steck_s_closed_form():
     x = (rng.random((12, 7)) < 0.4).astype(np.float64)
     x[:, 6] = 0  # an item nobody has: its row and column stay zero
     users, items = np.nonzero(x)
-    b = ease.solve(users, items, 12, 7, lam=3.0)
+    b, loss = ease.solve(users, items, 12, 7, lam=3.0)
     gram = x[:, :6].T @ x[:, :6] + 3.0 * np.eye(6)
     p = np.linalg.inv(gram)
     expected = np.eye(6) - p / np.diag(p)[None, :]
@@ -366,6 +367,13 @@ def test_ease_is_steck_s_closed_form():
     grad = -2 * x.T @ (x - x @ b) + 2 * 3.0 * b
     off = ~np.eye(7, dtype=bool)
     assert np.abs(grad[off]).max() < 1e-4
+    assert loss == pytest.approx((np.sum((x - x @ b) ** 2) + 3.0 * np.sum(b.astype(np.float64) ** 2)) / x.size,
+                                 rel=1e-6)
+    # A repeated interaction is one 1 of X; and lambda 0 with a rank-deficient X is refused, not inverted.
+    again, _ = ease.solve(np.append(users, users[0]), np.append(items, items[0]), 12, 7, lam=3.0)
+    np.testing.assert_array_equal(again, b)
+    with pytest.raises(ConfigError, match="not positive definite"):
+        ease.solve(np.array([0, 0]), np.array([0, 1]), 1, 2, lam=0.0)  # X = [1 1]: X'X is singular
 
 
 # ------------------------------------------------------------------------------ the tool chain

@@ -7,10 +7,10 @@ so the same keys give the same chains up to float32 rounding (``tests/test_rows.
 differs is the arithmetic: each row's ``sum V_i V_i^T`` is summed over its own ratings only
 (``jaxcf.core.rows``: about ``nnz * F^2`` work instead of a dense count matrix's ``rows * other * F^2``),
 and the F x F precisions are factored batch-last (``jaxcf.core.batchlast``). On ml-latest-small, one
-sweep of one chain took 42 ms at F = 20 (``jaxcf.families.bpmf.fit.make_sweep``: 493 ms, myFM 0.4: 109 ms) and
-15 ms at F = 10 (142 ms, 60 ms): the fastest of 15 runs, side by side on a busy 2-core AMD EPYC
-(``bench/gibbs_sweep.py``, ``results/gibbs_sweep.json``). It compiles slower (75 s against 16 s at
-F = 20 on that busy host): the Cholesky is written out entry by entry.
+sweep of one chain took 36 ms at F = 20 (``make_sweep`` of ``fit``: 488 ms; myFM 0.4: 156 ms) and
+23 ms at F = 10 (112 ms; 55 ms): the fastest of 15 runs, side by side on a busy 2-core AMD EPYC
+(load average ~8; ``bench/gibbs_sweep.py``, ``results/gibbs_sweep.json``). It compiles slower (84 s
+against 25 s at F = 20 on that host): the Cholesky is written out entry by entry.
 
 What does not live here: the model, hyper-priors and the family around the sweep (``jaxcf.families.bpmf.fit``),
 the per-row sums and draws (``jaxcf.core.rows``).
