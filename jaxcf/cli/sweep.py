@@ -25,7 +25,7 @@ from typing import Any
 
 from jaxcf import families
 from jaxcf.cli import common as cli
-from jaxcf.core.config import read_yaml, resolve_path, to_dict
+from jaxcf.core.config import apply_overrides, read_yaml, resolve_path, to_dict
 from jaxcf.core.configfile import parse_grid
 from jaxcf.core.errors import ConfigError
 from jaxcf.core.fileio import atomic_write_text, strict_json
@@ -76,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             base_raw = read_yaml(resolve_path(args.config)) or {}
             if not isinstance(base_raw, dict):
                 raise ConfigError(f"config file {args.config!r} must hold a mapping of sections")
+        check_sweepable(apply_overrides(base_raw, args.set))
         base = families.load(args.config, args.set)
         check_sweepable(base)
         member_list = make_members(base_raw, args.set, parse_grid(args.grid), args.seeds)

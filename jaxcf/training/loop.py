@@ -11,7 +11,7 @@ last good checkpoint stays), early stopping watches the monitored metric and kee
 parameters, and the closing record is the exported model's, scored as a loaded model scores it
 (``"final": true``, with ranking metrics).
 
-One concept at some length: the loop, from the first epoch to the export, with everything it
+It is one concept at some length: the loop, from the first epoch to the export, with everything it
 owns (records, early stopping, the divergence check, checkpoints and resume, the mesh).
 
 What does not live here: the families (it is handed one: ``jaxcf.families.build``; it imports none), workdir

@@ -41,14 +41,25 @@ from jaxcf.training import loop as trainer
 def check_sweepable(config) -> None:
     """The sweep trains the notebook's models (``bias``, ``dot``) by gradient steps.
 
+    ``config`` is a config or its plain data (checked before the rest of it is validated, so that
+    another family's own rules never hide this answer).
+
     Raises:
       ConfigError: for another family.
     """
     from jaxcf.families.sgd import BIAS, DOT
 
-    if families.resolve(config) not in (BIAS, DOT):
+    if isinstance(config, dict):
+        model = families.translate(config).get("model")
+        kind = model.get("kind", "bias") if isinstance(model, dict) else "bias"
+        if not isinstance(kind, str):
+            return  # the full validation names what is wrong with it
+        family = families.spec(kind)
+    else:
+        kind, family = config.model.kind, families.resolve(config)
+    if family not in (BIAS, DOT):
         raise ConfigError(f"the sweep trains the bias and dot models by gradient steps; model.kind "
-                          f"{config.model.kind} is trained by python -m jaxcf.train (or chosen by python -m "
+                          f"{kind} is trained by python -m jaxcf.train (or chosen by python -m "
                           "jaxcf.crossval --grid)")
 
 
