@@ -2,12 +2,15 @@
 
     python bench/before_after.py --before 22eb8d9 [--rounds 3] [--scale-ratings 5e6] [--json PATH]
 
-Two workloads, each run as a command in both trees, alternating before/after each round so that
+Four workloads, each run as a command in both trees, alternating before/after each round so that
 the host's noise falls on both alike:
 
 - the notebook's: ``python -m jaxcf.train --config configs/bias.yaml --set optim.name=adam
   train.epochs=6 --quiet`` (its per-epoch ``train_seconds`` and ``seconds`` from ``metrics.jsonl``,
   median of epochs 2-6; the first compiles);
+- a Gibbs sweep: ``configs/best.yaml`` (BPMF, 2 chains, F 20) for 30 sweeps keeping 10 samples
+  (median ``train_seconds`` of sweeps 2-30);
+- an iALS sweep: ``configs/ials.yaml`` (F 128, exact solves) for 6 sweeps (median of sweeps 2-6);
 - ``python bench/scale.py --ratings 5e6 --epochs 3`` (each tree's own copy of the script: training
   ratings per second, median of epochs 2-3, and peak RSS).
 
@@ -31,21 +34,32 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402
 
+# Each workload: a shipped config and overrides that both trees accept (the Gibbs one is written as a
+# ``best.yaml`` override so that a tree from before ``model.kind: bpmf`` runs it too), and the metric kept.
+WORKLOADS = {
+    "notebook": ("configs/bias.yaml", ["optim.name=adam", "train.epochs=6"], "valid_rmse"),
+    "gibbs": ("configs/best.yaml", ["train.epochs=30", "ensemble.size=10", "ensemble.burn_in=20"], "valid_rmse"),
+    "ials": ("configs/ials.yaml", ["train.epochs=6"], "ndcg@20"),
+}
 
-def notebook_epochs(tree: Path) -> dict:
+
+def epochs(tree: Path, workload: str) -> dict:
+    """One training command in ``tree``: the median ``train_seconds`` (the epoch or sweep alone) and
+    ``seconds`` (with its record) from ``metrics.jsonl``, from the second epoch on (the first compiles)."""
+    config, overrides, metric = WORKLOADS[workload]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "jaxcf.train", "--config", "configs/bias.yaml", "--set", "optim.name=adam",
-               "train.epochs=6", "--quiet", "--workdir", str(workdir)]
-        env = {**os.environ, "PYTHONPATH": str(tree)}
+        cmd = [sys.executable, "-m", "jaxcf.train", "--config", config, "--set", *overrides, "--quiet",
+               "--workdir", str(workdir)]
+        env = {**os.environ, "PYTHONPATH": str(tree), "JAXCF_COMPILATION_CACHE": "off"}
         subprocess.run(cmd, cwd=tree, env=env, check=True, capture_output=True)
         records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in records if r["epoch"] > 1]
-    epochs = list({r["epoch"]: r for r in epochs}.values())  # a closing record repeats its epoch
+    later = [r for r in records if r["epoch"] > 1]
+    later = list({r["epoch"]: r for r in later}.values())  # a closing record repeats its epoch
     return {
-        "train_s": statistics.median(r["train_seconds"] for r in epochs),
-        "epoch_s": statistics.median(r["seconds"] for r in epochs),
-        "valid_rmse": records[-1]["valid_rmse"],
+        "train_s": statistics.median(r["train_seconds"] for r in later),
+        "epoch_s": statistics.median(r["seconds"] for r in later),
+        metric: records[-1].get(metric),
     }
 
 
@@ -77,29 +91,32 @@ def main() -> int:
         subprocess.run(["git", "worktree", "add", "--detach", str(before_tree), revision], cwd=ROOT, check=True,
                        capture_output=True)
         try:
-            runs = {"before": {"notebook": [], "scale": []}, "after": {"notebook": [], "scale": []}}
+            names = (*WORKLOADS, "scale")
+            runs = {label: {name: [] for name in names} for label in ("before", "after")}
             load_before = machine.load_average()
             for round_number in range(args.rounds):
                 order = (("before", before_tree), ("after", ROOT)) if round_number % 2 == 0 else \
                     (("after", ROOT), ("before", before_tree))
                 for label, tree in order:
-                    runs[label]["notebook"].append(notebook_epochs(tree))
+                    for workload in WORKLOADS:
+                        runs[label][workload].append(epochs(tree, workload))
                     runs[label]["scale"].append(scale(tree, args.scale_ratings))
-                    print(f"round {round_number + 1} {label:>6}: notebook epoch "
-                          f"{runs[label]['notebook'][-1]['train_s']:.3f} s, scale "
-                          f"{runs[label]['scale'][-1]['ratings_per_s'] / 1e6:.2f} M ratings/s", flush=True)
+                    print(f"round {round_number + 1} {label:>6}: "
+                          + ", ".join(f"{w} {runs[label][w][-1]['train_s']:.3f} s" for w in WORKLOADS)
+                          + f", scale {runs[label]['scale'][-1]['ratings_per_s'] / 1e6:.2f} M ratings/s", flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(before_tree)], cwd=ROOT, capture_output=True)
     summary = {}
     for label in ("before", "after"):
-        summary[label] = {
-            "notebook_train_s": statistics.median(r["train_s"] for r in runs[label]["notebook"]),
-            "notebook_epoch_s": statistics.median(r["epoch_s"] for r in runs[label]["notebook"]),
-            "scale_ratings_per_s": statistics.median(r["ratings_per_s"] for r in runs[label]["scale"]),
-        }
+        summary[label] = {"scale_ratings_per_s": statistics.median(r["ratings_per_s"] for r in runs[label]["scale"])}
+        for workload in WORKLOADS:
+            summary[label][f"{workload}_train_s"] = statistics.median(r["train_s"] for r in runs[label][workload])
+            summary[label][f"{workload}_epoch_s"] = statistics.median(r["epoch_s"] for r in runs[label][workload])
     ratio = {key: summary["after"][key] / summary["before"][key] for key in summary["after"]}
-    print(f"notebook epoch (training): before {summary['before']['notebook_train_s']:.3f} s, after "
-          f"{summary['after']['notebook_train_s']:.3f} s (after/before {ratio['notebook_train_s']:.3f})")
+    for workload in WORKLOADS:
+        key = f"{workload}_train_s"
+        print(f"{workload} epoch (training): before {summary['before'][key]:.3f} s, after "
+              f"{summary['after'][key]:.3f} s (after/before {ratio[key]:.3f})")
     print(f"scale {args.scale_ratings}: before {summary['before']['scale_ratings_per_s'] / 1e6:.2f} M/s, after "
           f"{summary['after']['scale_ratings_per_s'] / 1e6:.2f} M/s (after/before {ratio['scale_ratings_per_s']:.3f})")
     if args.json:

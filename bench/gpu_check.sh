@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks for jaxcf, for a session that has a GPU; at most 8 minutes in all.
+# GPU checks for jaxcf, for a session that has a GPU; at most 9 minutes in all.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]          (default: $OUT, else ./gpu_check_out)
 #
@@ -10,7 +10,9 @@
 #   3. the scale benchmark, 20M ratings          bench/scale.py --ratings 2e7
 #   4. float32 embedding scatter-add timing, with and without
 #      XLA_FLAGS=--xla_backend_extra_options=-nvptx-allow-ftz-atomics   bench/scatter_add.py
-# Each step has its own time cap inside an overall deadline of 470 s; a step that fails or runs out
+#   5. every family's whole fit on the GPU (BPMF, iALS exact and CG, BPR at implicit's settings, EASE,
+#      the notebook's model), jaxcf's side of bench/vs_peers.py (the peers are not installed there)
+# Each step has its own time cap inside an overall deadline of 540 s; a step that fails or runs out
 # of time is recorded as such and the next one still runs. Everything goes into OUT_DIR/gpu_check.json
 # (plus each step's own JSON and log). The figures are what this machine measured: nothing here is
 # filled in by hand.
@@ -20,7 +22,7 @@ OUT_DIR=${1:-${OUT:-gpu_check_out}}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH=.
 PYTHON=${PYTHON:-python}
-DEADLINE=$(( $(date +%s) + ${GPU_CHECK_BUDGET_S:-470} ))  # a smaller budget is for smoke-testing the script
+DEADLINE=$(( $(date +%s) + ${GPU_CHECK_BUDGET_S:-540} ))  # a smaller budget is for smoke-testing the script
 
 # run NAME CAP_SECONDS COMMAND...: runs with a time cap (never past the deadline), logs, records rc and seconds.
 run() {
@@ -30,7 +32,7 @@ run() {
   (( cap > left )) && cap=$left
   if (( cap < 10 )); then
     echo "skip" > "$OUT_DIR/$name.rc"; echo 0 > "$OUT_DIR/$name.seconds"
-    echo "== $name: skipped, the 8-minute budget is spent"
+    echo "== $name: skipped, the 9-minute budget is spent"
     return
   fi
   echo "== $name (at most ${cap}s): $*"
@@ -44,11 +46,13 @@ run() {
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT_DIR/nvidia_smi.txt" 2>&1
 $PYTHON -c "import jax; print(jax.__version__, jax.devices())" > "$OUT_DIR/jax_devices.txt" 2>&1
 
-run parity 190 $PYTHON -m pytest -m parity -q -p no:cacheprovider tests
-run vs_torch 110 $PYTHON bench/vs_torch.py --repeats 3 --skip-cli --json "$OUT_DIR/vs_torch.json"
-run scale 130 $PYTHON bench/scale.py --ratings 2e7 --epochs 2 --csv-dir "${TMPDIR:-/tmp}/jaxcf-bench-scale" \
+run parity 150 $PYTHON -m pytest -m parity -q -p no:cacheprovider tests
+run vs_torch 90 $PYTHON bench/vs_torch.py --repeats 3 --skip-cli --json "$OUT_DIR/vs_torch.json"
+run scale 110 $PYTHON bench/scale.py --ratings 2e7 --epochs 2 --csv-dir "${TMPDIR:-/tmp}/jaxcf-bench-scale" \
   --json "$OUT_DIR/scale.json"
 run scatter_add 40 $PYTHON bench/scatter_add.py --repeats 5 --json "$OUT_DIR/scatter_add.json"
+run families 150 $PYTHON bench/vs_peers.py --sides jaxcf --no-cli --rows bpmf-r20,ials,ials-cg,bpr,ease,bias \
+  --json "$OUT_DIR/families.json"
 
 $PYTHON - "$OUT_DIR" <<'EOF'
 import json, sys
@@ -60,7 +64,7 @@ def text(name):
     return path.read_text().strip() if path.is_file() else None
 
 summary = {"nvidia_smi": text("nvidia_smi.txt"), "jax_devices": text("jax_devices.txt"), "steps": {}}
-for step in ("parity", "vs_torch", "scale", "scatter_add"):
+for step in ("parity", "vs_torch", "scale", "scatter_add", "families"):
     rc = text(f"{step}.rc")
     record = {
         "exit_status": None if rc in (None, "skip") else int(rc),

@@ -160,6 +160,16 @@ def in_row_order(index: RowIndex, gram: jax.Array, rhs: jax.Array) -> tuple[jax.
     return jnp.transpose(gram, (2, 0, 1))[index.position], rhs.T[index.position]
 
 
+def draw_systems(key: jax.Array, other_factors: jax.Array, index: RowIndex, mu: jax.Array, lam: jax.Array,
+                 alpha: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What :func:`draw_rows` factors and solves, in index order: every row's precision
+    ``Lambda + alpha * gram_u`` (float32[F, F, R]), ``alpha * rhs_u + Lambda mu`` (float32[F, R]) and its
+    standard normal draw (float32[F, R]: ``jax.random.normal(key, [R, F])``'s row ``u`` at ``position[u]``)."""
+    precision, right = _systems(other_factors, index, alpha, lam, alpha, jnp.matmul(lam, mu, precision=HIGHEST))
+    noise = jax.random.normal(key, (index.num_rows, other_factors.shape[1]), other_factors.dtype)
+    return precision, right, noise[index.order].T
+
+
 def draw_rows(key: jax.Array, other_factors: jax.Array, index: RowIndex, mu: jax.Array, lam: jax.Array,
               alpha: float) -> jax.Array:
     """Draws every row of one side from its Gaussian conditional given the other side.
@@ -178,10 +188,8 @@ def draw_rows(key: jax.Array, other_factors: jax.Array, index: RowIndex, mu: jax
     Returns:
       float32[R, F] in the table's row order.
     """
-    precision, right = _systems(other_factors, index, alpha, lam, alpha, jnp.matmul(lam, mu, precision=HIGHEST))
-    noise = jax.random.normal(key, (index.num_rows, other_factors.shape[1]), other_factors.dtype)
-    drawn = batchlast.gaussian_draw(batchlast.cholesky(precision), right, noise[index.order].T)
-    return drawn.T[index.position]
+    precision, right, noise = draw_systems(key, other_factors, index, mu, lam, alpha)
+    return batchlast.gaussian_draw(batchlast.cholesky(precision), right, noise).T[index.position]
 
 
 def solve_rows(other_factors: jax.Array, index: RowIndex, base: jax.Array, alpha: float,

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcf.core import rows
+from jaxcf.core import batchlast, rows
 from jaxcf.families.bpmf import fit
 
 
@@ -69,10 +69,82 @@ def sample_side(key: jax.Array, own: jax.Array, other: jax.Array, index: rows.Ro
     return jnp.where((jnp.arange(own.shape[0]) < num_rows)[:, None], drawn, 0.0)
 
 
+def pad_systems(precision: jax.Array, right: jax.Array, noise: jax.Array, size: int):
+    """Systems padded to ``size`` with identity precisions (whose draws are 0, from zero right-hand sides and
+    zero noise): both sides' systems then share one compiled factor-and-draw program."""
+    pad = size - precision.shape[-1]
+    factors = precision.shape[0]
+    eye = jnp.broadcast_to(jnp.eye(factors, dtype=precision.dtype)[:, :, None], (factors, factors, pad))
+    zeros = jnp.zeros((factors, pad), right.dtype)
+    return (jnp.concatenate([precision, eye], axis=2), jnp.concatenate([right, zeros], axis=1),
+            jnp.concatenate([noise, zeros], axis=1))
+
+
+def _systems(key, other, index, mu, lam, alpha, size):
+    return pad_systems(*rows.draw_systems(key, other, index, mu, lam, alpha), size)
+
+
+def _draw(precision, right, noise):
+    return batchlast.gaussian_draw(batchlast.cholesky(precision), right, noise)
+
+
+def _finish(drawn, index, num_rows):
+    table = drawn[:, : index.num_rows].T[index.position]
+    if num_rows is None or num_rows == index.num_rows:
+        return table
+    return jnp.where((jnp.arange(index.num_rows) < num_rows)[:, None], table, 0.0)
+
+
+class Sweep:
+    """``(keys [C], users float32[C, U, F], items float32[C, I, F]) -> (users, items)``: one Gibbs sweep
+    of C independent chains (``make_sweep``'s), as a few compiled programs that both sides share.
+
+    The F x F factorisations written out entry by entry (``jaxcf.core.batchlast``) take long to compile
+    (about F^3 / 6 fused operations), and so does the hyper-parameter draw; compiled inside one sweep, each
+    is compiled twice, once per side. Here a side's step is five calls: its vectors' statistics, the
+    hyper-parameters (one program for both sides), its systems (``jaxcf.core.rows``, padded to the larger
+    side's rows with identity systems), the factor-and-draw (one program for both sides: the users' side
+    pays for the padding, a few milliseconds) and the rows back in table order. The calls are dispatched
+    without waiting (nothing reaches the host inside a sweep); chains run one after the other.
+    """
+
+    def __init__(self, user_side: rows.RowIndex, item_side: rows.RowIndex, alpha: float,
+                 num_users: int | None = None, num_items: int | None = None):
+        self.sides = ((user_side, num_users), (item_side, num_items))
+        self.size = max(user_side.num_rows, item_side.num_rows)
+        self.statistics = jax.jit(fit.side_statistics, static_argnums=1)
+        self.hyper = jax.jit(fit.draw_hyperparameters)
+        self.systems = jax.jit(_systems, static_argnums=(5, 6))
+        self.draw = jax.jit(_draw)
+        self.finish = jax.jit(_finish, static_argnums=2)
+        self.alpha = alpha
+
+    def side(self, key: jax.Array, own: jax.Array, other: jax.Array, which: int) -> jax.Array:
+        """One side's hyper-parameters from its vectors ``own``, then its rows given ``other``."""
+        index, num_rows = self.sides[which]
+        if index.num_rows != own.shape[0] or index.num_other != other.shape[0]:
+            raise ValueError(f"the index was built for {index.num_rows} x {index.num_other} rows; the tables have "
+                             f"{own.shape[0]} and {other.shape[0]} (build it with the padded table sizes)")
+        key_hyper, key_rows = jax.random.split(key)
+        mu, lam = self.hyper(key_hyper, *self.statistics(own, num_rows))
+        drawn = self.draw(*self.systems(key_rows, other, index, mu, lam, self.alpha, self.size))
+        return self.finish(drawn, index, num_rows)
+
+    def __call__(self, keys: jax.Array, users: jax.Array, items: jax.Array) -> tuple[jax.Array, jax.Array]:
+        out_users, out_items = [], []
+        for chain in range(keys.shape[0]):
+            key_users, key_items = jax.random.split(keys[chain])
+            chain_users = self.side(key_users, users[chain], items[chain], 0)
+            out_items.append(self.side(key_items, items[chain], chain_users, 1))
+            out_users.append(chain_users)
+        return jnp.stack(out_users), jnp.stack(out_items)
+
+
 def make_sweep(user_side: rows.RowIndex, item_side: rows.RowIndex, alpha: float, num_users: int | None = None,
                num_items: int | None = None) -> Callable:
     """``(keys [C], users float32[C, U, F], items float32[C, I, F]) -> (users, items)``: one Gibbs
-    sweep of C independent chains (not jitted: the caller jits it), as ``jaxcf.families.bpmf.fit.make_sweep``.
+    sweep of C independent chains as one traceable function (the caller may jit it), as
+    ``jaxcf.families.bpmf.fit.make_sweep``; :class:`Sweep` is the same sweep as separately compiled calls.
 
     The chains run one after the other (``lax.map``), not vmapped: under ``vmap`` the in-place block
     writes of ``jaxcf.core.rows`` become scatters that copy the whole ``[F, F, R]`` buffer once per bucket,

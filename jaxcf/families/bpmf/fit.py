@@ -121,6 +121,32 @@ def wishart(key: jax.Array, scale_root: jax.Array, df: float) -> jax.Array:
     return root @ root.T
 
 
+def side_statistics(factors: jax.Array, num_rows: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What a side's hyper-parameter draw needs of its vectors: their mean (float32[F]), ``rows`` times
+    their sample covariance (float32[F, F]) and ``rows`` (float32[]), over the leading ``num_rows`` real
+    rows (the others pad the table on a mesh; None: all)."""
+    rows = factors.shape[0] if num_rows is None else num_rows
+    real = (jnp.arange(factors.shape[0]) < rows)[:, None]
+    mean = jnp.sum(jnp.where(real, factors, 0.0), axis=0) / rows
+    centred = jnp.where(real, factors - mean[None], 0.0)
+    return mean, centred.T @ centred, jnp.asarray(rows, factors.dtype)
+
+
+def draw_hyperparameters(key: jax.Array, mean: jax.Array, scatter: jax.Array, rows: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+    """Draws (mu float32[F], Lambda float32[F, F]) from their Normal-Wishart conditional given a side's
+    :func:`side_statistics` (``rows`` may be traced: one compiled program serves both sides)."""
+    size = mean.shape[0]
+    beta = BETA0 + rows
+    # W*^-1 = W0^-1 + N S + beta0 N / (beta0 + N) (mu0 - mean)(mu0 - mean)^T, with mu0 = 0, W0 = I.
+    inverse_scale = jnp.eye(size) + scatter + (BETA0 * rows / beta) * jnp.outer(mean, mean)
+    inverse_scale = (inverse_scale + inverse_scale.T) / 2
+    key_wishart, key_normal = jax.random.split(key)
+    lam = wishart(key_wishart, linalg.inverse_root(inverse_scale), size + rows)
+    mu = rows * mean / beta + linalg.inverse_root(beta * lam) @ jax.random.normal(key_normal, (size,))
+    return mu, lam
+
+
 def sample_hyperparameters(
     key: jax.Array, factors: jax.Array, num_rows: int | None = None
 ) -> tuple[jax.Array, jax.Array]:
@@ -133,20 +159,7 @@ def sample_hyperparameters(
     Returns:
       (mu float32[F], Lambda float32[F, F]).
     """
-    size = factors.shape[1]
-    rows = factors.shape[0] if num_rows is None else num_rows
-    real = (jnp.arange(factors.shape[0]) < rows)[:, None]
-    mean = jnp.sum(jnp.where(real, factors, 0.0), axis=0) / rows
-    centred = jnp.where(real, factors - mean[None], 0.0)
-    scatter = centred.T @ centred  # rows * sample covariance
-    beta = BETA0 + rows
-    # W*^-1 = W0^-1 + N S + beta0 N / (beta0 + N) (mu0 - mean)(mu0 - mean)^T, with mu0 = 0, W0 = I.
-    inverse_scale = jnp.eye(size) + scatter + (BETA0 * rows / beta) * jnp.outer(mean, mean)
-    inverse_scale = (inverse_scale + inverse_scale.T) / 2
-    key_wishart, key_normal = jax.random.split(key)
-    lam = wishart(key_wishart, linalg.inverse_root(inverse_scale), size + rows)
-    mu = rows * mean / beta + linalg.inverse_root(beta * lam) @ jax.random.normal(key_normal, (size,))
-    return mu, lam
+    return draw_hyperparameters(key, *side_statistics(factors, num_rows))
 
 
 def normal_equations(other_factors: jax.Array, side: Side, num_rows: int) -> tuple[jax.Array, jax.Array]:
@@ -248,35 +261,25 @@ def kept_sweeps(sweeps: int, burn_in: int, per_chain: int) -> list[int]:
 
 
 class GibbsState(NamedTuple):
-    """The sampler's state: the chains now, and the samples kept so far.
+    """The sampler's state: the chains now, the samples kept so far, and their predictions' running sum.
 
     Attributes:
       users, items: float32[C, U, F], float32[C, I, F] each chain's current sample.
       kept_users, kept_items: float32[S, C, U, F], float32[S, C, I, F]: slot ``s`` holds the chains'
-        samples of the ``s``-th kept sweep (zeros until then).
+        samples of the ``s``-th kept sweep (zeros until then): the export, what predict and fold-in use.
+      prediction_sum: float32[n] the sum over kept samples of their predictions of the evaluated pairs
+        (validation, then test): the posterior mean so far is it over the count, with no sample re-scored.
     """
 
     users: jax.Array
     items: jax.Array
     kept_users: jax.Array
     kept_items: jax.Array
+    prediction_sum: jax.Array
 
 
 def row_axes(state: GibbsState) -> GibbsState:
-    return GibbsState(1, 1, 2, 2)
-
-
-def _member_scores(state_parts, users, items, mean):
-    """float32[C + 1, n]: each chain's current prediction, then the mean of the kept samples (or of the
-    chains, before the first kept sweep)."""
-    chains, kept_users, kept_items, filled = state_parts
-    current = jnp.sum(chains[0][:, users] * chains[1][:, items], axis=-1) + mean
-    kept = jnp.einsum("scnf,scnf->sn", kept_users[:, :, users], kept_items[:, :, items],
-                      precision=jax.lax.Precision.HIGHEST) / chains[0].shape[0] + mean
-    count = jnp.sum(filled)
-    ensemble = jnp.where(count > 0, jnp.sum(filled[:, None] * kept, axis=0) / jnp.maximum(count, 1),
-                         jnp.mean(current, axis=0))
-    return jnp.concatenate([current, ensemble[None]], axis=0)
+    return GibbsState(1, 1, 2, 2, None)
 
 
 def as_members(state: GibbsState, mean: float) -> dict[str, jax.Array]:
@@ -294,7 +297,11 @@ def family(config: Any, dataset: Dataset, layout=None) -> Family:
 
     ``model.n_factors`` is F; ``ensemble.size`` samples are kept in all, ``size / chains`` per chain;
     ``ensemble.burn_in`` and ``ensemble.noise_precision`` (alpha) as documented in ``jaxcf.core.config``.
+    On one device a sweep is ``jaxcf.families.bpmf.fast_sweep.Sweep`` (per-row sums over each row's own
+    ratings, batch-last factorisations); on a mesh, :func:`make_sweep` with the rows sharded.
     """
+    from jaxcf.families.bpmf import fast_sweep
+
     ratings = dataset.ratings
     train = dataset.split.train
     size, chains, factors = config.ensemble.size, config.ensemble.chains, config.model.n_factors
@@ -304,10 +311,6 @@ def family(config: Any, dataset: Dataset, layout=None) -> Family:
     mean = float(np.mean(ratings.ratings[train], dtype=np.float64))
     centred = ratings.ratings[train].astype(np.float64) - mean
     num_users, num_items = ratings.num_users, ratings.num_items
-    rows_u = layout.padded_rows(num_users) if layout else num_users
-    rows_i = layout.padded_rows(num_items) if layout else num_items
-    user_side = make_side(ratings.users[train], ratings.items[train], centred, rows_u, rows_i)
-    item_side = make_side(ratings.items[train], ratings.users[train], centred, rows_i, rows_u)
     alpha = config.ensemble.noise_precision
     chain_key = rng.stream(config.seed, "chains")
     chain_keys = jnp.stack([jax.random.fold_in(chain_key, c) for c in range(chains)])
@@ -324,20 +327,22 @@ def family(config: Any, dataset: Dataset, layout=None) -> Family:
         predictions = jnp.sum(users[:, train_u] * items[:, train_i], axis=-1) + mean
         return jnp.mean((predictions - train_targets[None]) ** 2, axis=1)
 
-    def scores(parts, u, i):
-        return _member_scores(parts, u, i, mean)
+    def current_scores(chains_now, u, i):  # float32[C, b]: each chain's current prediction
+        return jnp.sum(chains_now[0][:, u] * chains_now[1][:, i], axis=-1) + mean
 
     if layout is None:
-        user_side_d = jax.tree.map(jnp.asarray, user_side)
-        item_side_d = jax.tree.map(jnp.asarray, item_side)
-        sweep_fn = jax.jit(lambda k, u, i, us, its: make_sweep(us, its, alpha, num_users, num_items)(k, u, i),
-                           donate_argnums=(1, 2))
+        user_index = jax.tree.map(jnp.asarray, fast_sweep.make_side(train_u, train_i, centred, num_users, num_items))
+        item_index = jax.tree.map(jnp.asarray, fast_sweep.make_side(train_i, train_u, centred, num_items, num_users))
+        sweep = fast_sweep.Sweep(user_index, item_index, alpha)
         store_fn = jax.jit(store, donate_argnums=(0,))
         train_fn = jax.jit(train_mse)
     else:
+        rows_u, rows_i = layout.padded_rows(num_users), layout.padded_rows(num_items)
+        user_side = make_side(train_u, train_i, centred, rows_u, rows_i)
+        item_side = make_side(train_i, train_u, centred, rows_i, rows_u)
         user_side_d, item_side_d = layout.replicate(user_side), layout.replicate(item_side)
         shard_u, shard_k = layout.sharding(3, 1), layout.sharding(4, 2)
-        state_shardings = GibbsState(shard_u, shard_u, shard_k, shard_k)
+        state_shardings = GibbsState(shard_u, shard_u, shard_k, shard_k, layout.replicated)
         sweep_fn = jax.jit(
             lambda k, u, i, us, its: make_sweep(us, its, alpha, num_users, num_items)(k, u, i),
             in_shardings=(layout.replicated, shard_u, shard_u, jax.tree.map(lambda _: layout.replicated, user_side),
@@ -345,14 +350,24 @@ def family(config: Any, dataset: Dataset, layout=None) -> Family:
             out_shardings=(shard_u, shard_u),
             donate_argnums=(1, 2),
         )
+
+        def sweep(keys, users, items):
+            return sweep_fn(keys, users, items, user_side_d, item_side_d)
+
         store_fn = jax.jit(store, in_shardings=(state_shardings, layout.replicated),
                            out_shardings=state_shardings, donate_argnums=(0,))
 
         def train_fn(users, items):
             return layout.fetch(train_mse, users, items)
 
-    predict = scoring.pair_predictor(scores, evaluation.users, evaluation.items, config.train.eval_batch_size,
-                                     layout)
+    predict_current = scoring.pair_predictor(current_scores, evaluation.users, evaluation.items,
+                                             config.train.eval_batch_size, layout)
+    last = {}  # the sweep whose current predictions were last scored, and them (a kept sweep scores them)
+
+    def current(state, number):
+        if last.get("number") != number:
+            last.update(number=number, scores=np.asarray(predict_current((state.users, state.items)), np.float64))
+        return last["scores"]
 
     def init():
         root = rng.stream(config.seed, "init")
@@ -360,35 +375,33 @@ def family(config: Any, dataset: Dataset, layout=None) -> Family:
         users = 0.1 * jax.random.normal(jax.random.fold_in(root, 0), (chains, num_users, factors))
         items = 0.1 * jax.random.normal(jax.random.fold_in(root, 1), (chains, num_items, factors))
         return GibbsState(users, items, jnp.zeros((per_chain, chains, num_users, factors)),
-                          jnp.zeros((per_chain, chains, num_items, factors)))
+                          jnp.zeros((per_chain, chains, num_items, factors)), jnp.zeros(len(evaluation.users)))
 
     def epoch(state, number):
         sweep_number = number + 1
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(chain_keys, sweep_number)
-        users, items = sweep_fn(keys, state.users, state.items, user_side_d, item_side_d)
+        users, items = sweep(keys, state.users, state.items)
         state = state._replace(users=users, items=items)
         if sweep_number in slot_of:
             state = store_fn(state, slot_of[sweep_number])
+            if len(evaluation.users):
+                total = state.prediction_sum + jnp.asarray(np.sum(current(state, number), axis=0), jnp.float32)
+                state = state._replace(prediction_sum=total if layout is None else layout.replicate(total))
         return state, np.asarray(train_fn(state.users, state.items), np.float64)  # the sweep's host sync
 
     def record(state, number, losses, carry, evaluate=True):
-        filled = np.asarray([sweep <= number + 1 for sweep in kept], np.float32)
+        count = sum(sweep <= number + 1 for sweep in kept) * chains
         if not evaluate:
-            return {"epoch": number + 1, "train_loss": float(np.mean(losses)),
-                    "members": int(filled.sum()) * chains}, carry
-        parts = ((state.users, state.items), state.kept_users, state.kept_items, jnp.asarray(filled))
-        all_scores = predict(parts).astype(np.float64)
-        current, ensemble = all_scores[:-1], all_scores[-1]
-        result = {
-            "epoch": number + 1,
-            "train_loss": float(np.mean(losses)),
-            **evaluation.metrics(ensemble),
-            "members": int(filled.sum()) * chains,
-        }
+            return {"epoch": number + 1, "train_loss": float(np.mean(losses)), "members": count}, carry
+        scores = current(state, number)
+        ensemble = (np.asarray(state.prediction_sum, np.float64) / count if count
+                    else np.mean(scores, axis=0) if len(scores) else scores.reshape(0))
+        result = {"epoch": number + 1, "train_loss": float(np.mean(losses)), **evaluation.metrics(ensemble),
+                  "members": count}
         if role:  # each chain's current sample as a model of its own (from its rows)
             part = evaluation.part(role)
             targets = evaluation.targets[part]
-            result[f"sample_{role}_rmse"] = float(np.mean(np.sqrt(np.mean((current[:, part] - targets) ** 2, axis=1))))
+            result[f"sample_{role}_rmse"] = float(np.mean(np.sqrt(np.mean((scores[:, part] - targets) ** 2, axis=1))))
         if not np.all(np.isfinite(ensemble)):  # the loop decides; it reads the losses itself
             result["diverged"] = "the sampler's predictions are not finite"
         return result, carry
