@@ -118,8 +118,12 @@ def _block_one(params: Mapping[str, jax.Array], users: jax.Array, y_range) -> ja
 
 
 @functools.partial(jax.jit, static_argnames=("y_range",))
+@functools.partial(jax.jit, static_argnames=("y_range",))
 def score_block(params: Mapping[str, jax.Array], users: jax.Array, y_range=None) -> jax.Array:
     """Predicted ratings of every item for a block of users.
+
+    For stacked dot members (no ``y_range``) the members' mean is one product contracted over members
+    and factors together, ``einsum('sbf,sif->bi') / S``: the same sum, without a [S, B, items] array.
 
     Args:
       params: as for :func:`score_pairs`.
@@ -129,6 +133,10 @@ def score_block(params: Mapping[str, jax.Array], users: jax.Array, y_range=None)
     Returns:
       float32[B, num_items]; for stacked tables, the members' mean.
     """
+    if _members(params) and y_range is None:
+        users_rows = jnp.take(params["user_embedding"], users, axis=1)
+        total = jnp.einsum("sbf,sif->bi", users_rows, params["item_embedding"], precision=jax.lax.Precision.HIGHEST)
+        return total / params["user_embedding"].shape[0]
     if _members(params):
         return jnp.mean(jax.vmap(lambda p: _block_one(p, users, y_range))(params), axis=0)
     return _block_one(params, users, y_range)
