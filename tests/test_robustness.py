@@ -447,3 +447,33 @@ print("the interpreter lives on")
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert lines[0].startswith("raised: epoch 2 made no progress for") and lines[-1] == "the interpreter lives on"
+
+
+# ------------------------------------------------------------------------------ the progress bar
+
+
+def test_the_progress_bar_keeps_out_of_logs_and_is_labelled_by_family(tmp_path, monkeypatch):
+    """A redirected stderr gets the table alone (no bar, no carriage returns); on a terminal the bar is
+    drawn, labelled by the model family (``bias``, never the optimizer's ``sgd``), and the table's
+    rows are written above it, whole lines."""
+    import io
+
+    import jaxcf
+    from jaxcf.training import workdir as wd
+
+    frame = jaxcf.ratings_frame().iloc[:3000]
+    redirected = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", redirected)
+    jaxcf.fit(frame, overrides=["train.epochs=2"])
+    assert not wd.interactive() and "\r" not in redirected.getvalue() and "epoch" not in redirected.getvalue()
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert wd.interactive()
+    jaxcf.fit(frame, overrides=["train.epochs=2"])
+    drawn = terminal.getvalue()
+    assert "bias:" in drawn and "sgd" not in drawn and "epoch" in drawn
