@@ -47,6 +47,9 @@ forks with JAX's threads running). What is measured there:
   every epoch with its validation metrics, the closing metrics and the export. Peers: read the file
   (pandas), map ids, split, build their matrix or loader, fit; no scoring (the notebook's loop in
   the torch port validates after each epoch, as it always does).
+- Validation metrics: jaxcf's rows (but ``bias``, whose torch port validates every epoch) run with
+  ``train.eval_every`` = their epochs, so they score the validation part after the last epoch only, as
+  the peers (which score nothing while they train); every epoch still records its training loss.
 - ``per_iter_s``: the median steady-state seconds of one sweep / epoch. jaxcf: the median of
   ``train_seconds`` in ``model.history`` from the second epoch on (training only), except ``bias``,
   where it is ``seconds`` (validation included, as the torch port's epoch is); EASE has one solve.
@@ -134,19 +137,25 @@ class Plan:
 # One small function per row: (config, overrides) through the public API. Adapt here when the library changes.
 
 
+def last_only(config: str, overrides: list[str]) -> list[str]:
+    """``train.eval_every`` = the run's epochs: the validation metrics of the last epoch only (the peers
+    compute none while they train); every epoch still records its training loss."""
+    return [*overrides, f"train.eval_every={resolved(config, overrides).train.epochs}"]
+
+
 def jaxcf_bpmf(plan: Plan, rank: int) -> tuple[str, list[str]]:
     overrides = [f"model.n_factors={rank}"]
     if plan.sweeps_and_kept:
         sweeps, kept = plan.sweeps_and_kept
         overrides += [f"train.epochs={sweeps}", f"ensemble.size={kept}", f"ensemble.burn_in={sweeps - kept}"]
-    return "bpmf.yaml", overrides
+    return "bpmf.yaml", last_only("bpmf.yaml", overrides)
 
 
 def jaxcf_ials(plan: Plan, cg: bool) -> tuple[str, list[str]]:
     overrides = ["implicit.solver=cg", "implicit.cg_steps=3"] if cg else []
     if plan.quick:
         overrides.append(f"train.epochs={plan.epochs(None)}")
-    return "ials.yaml", overrides
+    return "ials.yaml", last_only("ials.yaml", overrides)
 
 
 def jaxcf_bpr(plan: Plan, seed: int, batch_size: int, learnbpr: bool) -> tuple[str, list[str]]:
@@ -165,6 +174,7 @@ def jaxcf_bpr(plan: Plan, seed: int, batch_size: int, learnbpr: bool) -> tuple[s
         f"train.batch_size={batch_size}", f"implicit.l2={IMPLICIT_BPR['regularization'] / 2}",
         "implicit.negatives=1", *sampling, f"implicit.init_std={1 / (factors * math.sqrt(12)):.6g}",
         f"model.n_factors={factors}", f"train.epochs={plan.epochs(IMPLICIT_BPR['iterations'])}",
+        f"train.eval_every={plan.epochs(IMPLICIT_BPR['iterations'])}",
     ]
 
 
@@ -572,7 +582,7 @@ def build_rows(names: list[str], plan: Plan) -> list[Row]:
                                    "myFM 0.4.0's wheel is single-threaded")))
         elif name == "bfm":
             overrides = (["train.epochs=20", "ensemble.size=15", "ensemble.burn_in=5"] if plan.quick else [])
-            by_seed = {seed: [f"seed={seed}", *overrides] for seed in plan.seeds}
+            by_seed = {seed: last_only("bfm.yaml", [f"seed={seed}", *overrides]) for seed in plan.seeds}
             cfg = resolved("bfm.yaml", by_seed[plan.seeds[0]])
             groups = {group: bool(getattr(cfg.bfm, group)) for group in ("user", "item", "implicit", "flipped")}
             rows.append(Row(name, "Bayesian FM (" + " + ".join(g for g, on in groups.items() if on) + f") F="

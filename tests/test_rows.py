@@ -54,6 +54,23 @@ def test_normal_equations_match_numpy(side, weighted):
     assert len(empty) and not np.any(np.asarray(gram)[empty]), "a row without ratings must have gram 0"
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_row_sums_are_the_rhs_and_the_gram_products(weighted):
+    """``row_sums`` (conjugate gradient's products, no F x F matrix) against the dense reference:
+    ``sum values v`` and ``gram_u @ x_u`` for every row, zero for a row without ratings."""
+    users, items, values = _ratings()
+    weights = np.random.default_rng(1).uniform(0.5, 2.0, len(users)) if weighted else None
+    index = rows.build_index(users, items, USERS, ITEMS, values=values, weights=weights)
+    vectors = np.random.default_rng(2).normal(size=(ITEMS, 5))
+    x = np.random.default_rng(3).normal(size=(USERS, 5))
+    gram, rhs = _reference(users, items, USERS, vectors, values, np.ones(len(users)) if weights is None else weights)
+    table = jnp.asarray(vectors, jnp.float32)
+    np.testing.assert_allclose(jax.jit(rows.row_sums)(table, index), rhs, rtol=1e-5, atol=1e-4)
+    product = jax.jit(rows.row_sums)(table, index, jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(product, np.einsum("rfg,rg->rf", gram, x), rtol=1e-5, atol=1e-3)
+    assert not np.any(np.asarray(product)[USERS - 1]), "user 11 has no ratings"
+
+
 def test_values_default_to_one_and_bad_ids_fail():
     users, items, _ = _ratings()
     index = rows.build_index(users, items, USERS, ITEMS)

@@ -213,3 +213,31 @@ def solve_rows(other_factors: jax.Array, index: RowIndex, base: jax.Array, alpha
     # A scatter onto the diagonal (not ``system + eye * reg``): the systems stay one materialised buffer (see _systems).
     system = system.at[diagonal, diagonal].add(jnp.broadcast_to(reg[None, :], (size, index.num_rows)))
     return batchlast.cho_solve(batchlast.cholesky(system), rhs).T[index.position]
+
+
+def row_sums(other_factors: jax.Array, index: RowIndex, x: jax.Array | None = None) -> jax.Array:
+    """Every row's weighted sum of its other-side vectors, with no F x F matrix and no scatter.
+
+    ``x`` None: ``sum_{i in I_u} values_ui v_i`` (the ``rhs`` of :func:`normal_equations`, alone).
+    ``x`` float32[R, F]: ``sum_{i in I_u} weights_ui (x_u . v_i) v_i``, the product of row u's own
+    ``gram_u`` with ``x_u`` (conjugate gradient's products), at ``2 * nnz * F`` multiply-adds.
+
+    Returns:
+      float32[R, F] in the table's row order; a row without ratings sums to 0.
+    """
+    size, dtype = other_factors.shape[1], other_factors.dtype
+    table = jnp.concatenate([other_factors, jnp.zeros((1, size), dtype)])
+    blocks, start = [], 0
+    for bucket, ids in enumerate(index.others):
+        vectors = table[ids]  # [rows_b, length_b, F]; padding gathers the zero row
+        if x is None:
+            weights = index.values[bucket]
+        else:
+            rows = x[index.order[start:start + ids.shape[0]]]
+            weights = jnp.einsum("rlf,rf->rl", vectors, rows, precision=HIGHEST)
+            if index.weights is not None:
+                weights = weights * index.weights[bucket]
+        blocks.append(jnp.einsum("rl,rlf->rf", weights, vectors, precision=HIGHEST))
+        start += ids.shape[0]
+    blocks.append(jnp.zeros((index.num_rows - start, size), dtype))
+    return jnp.concatenate(blocks)[index.position]

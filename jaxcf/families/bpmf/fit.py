@@ -315,17 +315,13 @@ def family(config: Any, dataset: Dataset, layout=None) -> Family:
     chain_key = rng.stream(config.seed, "chains")
     chain_keys = jnp.stack([jax.random.fold_in(chain_key, c) for c in range(chains)])
     train_u, train_i = ratings.users[train], ratings.items[train]
-    train_targets = ratings.ratings[train]
+    train_targets = ratings.ratings[train].astype(np.float64)
     evaluation = metrics.Evaluation.of(dataset, None)
     role = "valid" if evaluation.has("valid") else "test" if evaluation.has("test") else None
 
     def store(state, slot):
         return state._replace(kept_users=state.kept_users.at[slot].set(state.users),
                               kept_items=state.kept_items.at[slot].set(state.items))
-
-    def train_mse(users, items):
-        predictions = jnp.sum(users[:, train_u] * items[:, train_i], axis=-1) + mean
-        return jnp.mean((predictions - train_targets[None]) ** 2, axis=1)
 
     def current_scores(chains_now, u, i):  # float32[C, b]: each chain's current prediction
         return jnp.sum(chains_now[0][:, u] * chains_now[1][:, i], axis=-1) + mean
@@ -335,7 +331,6 @@ def family(config: Any, dataset: Dataset, layout=None) -> Family:
         item_index = jax.tree.map(jnp.asarray, fast_sweep.make_side(train_i, train_u, centred, num_items, num_users))
         sweep = fast_sweep.Sweep(user_index, item_index, alpha)
         store_fn = jax.jit(store, donate_argnums=(0,))
-        train_fn = jax.jit(train_mse)
     else:
         rows_u, rows_i = layout.padded_rows(num_users), layout.padded_rows(num_items)
         user_side = make_side(train_u, train_i, centred, rows_u, rows_i)
@@ -356,9 +351,6 @@ def family(config: Any, dataset: Dataset, layout=None) -> Family:
 
         store_fn = jax.jit(store, in_shardings=(state_shardings, layout.replicated),
                            out_shardings=state_shardings, donate_argnums=(0,))
-
-        def train_fn(users, items):
-            return layout.fetch(train_mse, users, items)
 
     predict_current = scoring.pair_predictor(current_scores, evaluation.users, evaluation.items,
                                              config.train.eval_batch_size, layout)
@@ -387,7 +379,10 @@ def family(config: Any, dataset: Dataset, layout=None) -> Family:
             if len(evaluation.users):
                 total = state.prediction_sum + jnp.asarray(np.sum(current(state, number), axis=0), jnp.float32)
                 state = state._replace(prediction_sum=total if layout is None else layout.replicate(total))
-        return state, np.asarray(train_fn(state.users, state.items), np.float64)  # the sweep's host sync
+        # The sweep's host sync: each chain's training MSE, from the same predictions the record reads
+        # (the evaluated pairs start with the training pairs, in order).
+        train_part = current(state, number)[:, evaluation.part("train")]
+        return state, np.mean((train_part - train_targets[None]) ** 2, axis=1)
 
     def record(state, number, losses, carry, evaluate=True):
         count = sum(sweep <= number + 1 for sweep in kept) * chains

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcf.core import distributed, linalg, rng
+from jaxcf.core import rows as rows_index
 from jaxcf.core.family import Family
 from jaxcf.data import Dataset
 from jaxcf.families import _implicit
@@ -130,12 +131,15 @@ def _exact_rows(other: jax.Array, rows: Rows, gram_all: jax.Array, reg: jax.Arra
 
 
 def make_sides(own: np.ndarray, other: np.ndarray, num_rows: int, num_other: int, solver: str,
-               mesh: bool = False) -> Side | Rows:
-    """One side's interactions as the solver reads them: :class:`Rows` for ``cholesky`` on one
-    device; a ``jaxcf.families.bpmf.Side`` for ``cg``, and for ``cholesky`` on a mesh, where each device
+               mesh: bool = False) -> Side | Rows | rows_index.RowIndex:
+    """One side's interactions as the solver reads them: :class:`Rows` for ``cholesky`` and
+    a ``jaxcf.core.rows.RowIndex`` for ``cg`` on one device (its products are ``jaxcf.core.rows.row_sums``:
+    ``nnz * F`` work, no scatter); on a mesh a ``jaxcf.families.bpmf.Side``, where each device
     solves the systems of its own rows from per-row normal equations (``docs/distributed.md``)."""
     if solver == "cholesky" and not mesh:
         return make_rows(own, other, num_rows)
+    if not mesh:
+        return rows_index.build_index(own, other, num_rows, num_other)
     return make_side(own, other, np.ones(len(own)), num_rows, num_other)
 
 
@@ -172,8 +176,10 @@ def regularization(counts: jax.Array, num_other: int, settings: Settings) -> jax
     return row_regularization(counts, num_other, settings.alpha, settings.regularization, settings.exponent)
 
 
-def _observed_product(x: jax.Array, other: jax.Array, side: Side) -> jax.Array:
+def _observed_product(x: jax.Array, other: jax.Array, side: Side | rows_index.RowIndex) -> jax.Array:
     """``sum_{i in I_u} (x_u . v_i) v_i`` for every row u, without forming any F x F matrix."""
+    if isinstance(side, rows_index.RowIndex):
+        return rows_index.row_sums(other, side, x)
     if side.counts is not None:
         dots = jnp.matmul(x, other.T, precision=linalg.HIGHEST) * side.counts
         return jnp.matmul(dots, other, precision=linalg.HIGHEST)
@@ -195,7 +201,9 @@ def _conjugate_gradient(start, other, side, gram_all, reg, settings):
         return jnp.matmul(x, gram_all, precision=linalg.HIGHEST) + alpha * _observed_product(x, other, side) \
             + reg[:, None] * x
 
-    if side.counts is not None:
+    if isinstance(side, rows_index.RowIndex):
+        rhs = (1 + alpha) * rows_index.row_sums(other, side)
+    elif side.counts is not None:
         rhs = (1 + alpha) * jnp.matmul(side.counts, other, precision=linalg.HIGHEST)
     else:
         _, rhs = normal_equations(other, side, start.shape[0])
