@@ -8,7 +8,8 @@ the host's noise falls on both alike:
 - the notebook's: ``python -m jaxcf.train --config configs/bias.yaml --set optim.name=adam
   train.epochs=6 --quiet`` (its per-epoch ``train_seconds`` and ``seconds`` from ``metrics.jsonl``,
   median of epochs 2-6; the first compiles);
-- a Gibbs sweep: ``configs/best.yaml`` (BPMF, 2 chains, F 20) for 30 sweeps keeping 10 samples
+- a Gibbs sweep: BPMF (``configs/dot.yaml`` with ``ensemble.method=gibbs``: 2 chains, F 20) for 30
+  sweeps keeping 10 samples
   (median ``train_seconds`` of sweeps 2-30);
 - an iALS sweep: ``configs/ials.yaml`` (F 128, exact solves) for 6 sweeps (median of sweeps 2-6);
 - ``python bench/scale.py --ratings 5e6 --epochs 3`` (each tree's own copy of the script: training
@@ -34,11 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402
 
-# Each workload: a shipped config and overrides that both trees accept (the Gibbs one is written as a
-# ``best.yaml`` override so that a tree from before ``model.kind: bpmf`` runs it too), and the metric kept.
+# Each workload: a shipped config and overrides that both trees accept (the Gibbs one is written as the
+# notebook's dot model sampled by Gibbs, ``ensemble.method: gibbs``, which a tree from before ``model.kind:
+# bpmf`` runs and a later one translates to ``model.kind: bpmf``), and the metric kept.
 WORKLOADS = {
     "notebook": ("configs/bias.yaml", ["optim.name=adam", "train.epochs=6"], "valid_rmse"),
-    "gibbs": ("configs/best.yaml", ["train.epochs=30", "ensemble.size=10", "ensemble.burn_in=20"], "valid_rmse"),
+    "gibbs": ("configs/dot.yaml", ["ensemble.method=gibbs", "model.n_factors=20", "ensemble.chains=2",
+                                   "ensemble.noise_precision=1.5", "train.epochs=30", "ensemble.size=10",
+                                   "ensemble.burn_in=20"], "valid_rmse"),
     "ials": ("configs/ials.yaml", ["train.epochs=6"], "ndcg@20"),
 }
 

@@ -2,7 +2,7 @@
 
     python bench/gibbs_finishes.py [--runs 10] [--timeout 600] [--json results/gibbs_finishes.json]
 
-Runs ``python -m jaxcf.train --config configs/best.yaml`` with a short schedule (30 sweeps, 10 burned,
+Runs ``python -m jaxcf.train --config configs/bpmf.yaml`` with a short schedule (30 sweeps, 10 burned,
 2 chains, 10 samples) ``--runs`` times on ml-latest-small and ``--runs`` times on ml-100k's u4 (the
 case that stopped at 0% CPU before jaxcf solved its F x F systems with plain XLA ops: docs/robustness.md),
 alternating, and records each run's exit status, wall seconds and final validation RMSE. A run that
@@ -29,7 +29,7 @@ CASES = {"ml-latest-small": [], "ml-100k-u4": ["data.name=ml-100k", "data.split=
 
 def one(case: str, timeout: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "jaxcf.train", "--config", "configs/best.yaml", "--quiet", "--workdir",
+        command = [sys.executable, "-m", "jaxcf.train", "--config", "configs/bpmf.yaml", "--quiet", "--workdir",
                    str(Path(tmp) / "run"), "--set", *SHORT, *CASES[case]]
         start = time.perf_counter()
         try:

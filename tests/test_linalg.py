@@ -58,8 +58,8 @@ def test_a_matrix_that_is_not_positive_definite_gives_nan():
 def test_the_gibbs_sampler_finishes_every_time():
     """The configuration that hung in 1 of 3 runs before (ml-100k u4, 2 chains, 40 sweeps)."""
     command = [
-        sys.executable, "-m", "jaxcf.train", "--config", "best.yaml", "--quiet", "--set", "data.name=ml-100k",
-        "data.split=u4", "train.epochs=40", "ensemble.size=10", "ensemble.burn_in=20",
+        sys.executable, "-m", "jaxcf.train", "--config", "bpmf.yaml", "--quiet", "--set", "data.name=ml-100k",
+        "data.split=u4", "train.epochs=40", "ensemble.size=10", "ensemble.chains=2", "ensemble.burn_in=20",
     ]
     for run in range(3):
         workdir = ROOT / "runs" / f"test-gibbs-hang-{run}"

@@ -122,6 +122,27 @@ def test_dot_model_report_has_no_bias_figure(tmp_path):
     assert "no bias ranking" in (tmp_path / "out" / "report.md").read_text()
 
 
+@pytest.mark.parametrize("metrics, stated", [
+    ([{"epoch": 1, "train_loss": 2.0, "test_mse": 1.44, "test_rmse": 1.2}], "test RMSE **1.2000**"),
+    ([{"epoch": 1, "train_loss": 2.0}], "nothing held out"),
+])
+def test_a_run_without_a_validation_part_is_reported_on_what_it_has(tmp_path, metrics, stated):
+    """A named fold's run (its test part only) or one trained on every row (nothing held out): the
+    report states what was scored (it raised KeyError 'valid_rmse' before)."""
+    rng = np.random.default_rng(1)
+    folder = export.write(
+        tmp_path / "run",
+        params={"user_embedding": rng.normal(size=(4, 3)), "item_embedding": rng.normal(size=(30, 3))},
+        user_ids=np.arange(4), item_ids=np.arange(100, 130), train_users=rng.integers(0, 4, 200),
+        train_items=rng.integers(0, 30, 200), config={},
+        model_info={"kind": "dot", "n_factors": 3, "y_range": None, "num_users": 4, "num_items": 30},
+        data_info={"source": "hand-made"}, metrics=metrics,
+    )
+    assert report_cli.main(["--model", str(folder), "--out", str(tmp_path / "out")]) == 0
+    assert stated in (tmp_path / "out" / "report.md").read_text()
+    assert_real_image(tmp_path / "out" / "curves.png")
+
+
 def test_implicit_model_report_states_its_ranking_metrics(tmp_path):
     from jaxcf.cli import train
 

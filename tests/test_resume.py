@@ -24,8 +24,8 @@ FAMILIES = {
                    "train.batch_size=1024", "train.epochs=6"],
     "row-l2-onecycle": ["--config", "bias.yaml", "--set", "optim.row_l2=0.05", "optim.schedule=onecycle",
                         "model.n_factors=8", "train.batch_size=256", "train.epochs=6"],
-    "gibbs": ["--config", "best.yaml", "--set", "data.name=ml-100k", "data.split=u1", "model.n_factors=4",
-              "ensemble.size=4", "ensemble.burn_in=4", "train.epochs=10"],
+    "gibbs": ["--config", "bpmf.yaml", "--set", "data.name=ml-100k", "data.split=u1", "model.n_factors=4",
+              "ensemble.size=4", "ensemble.chains=2", "ensemble.burn_in=4", "train.epochs=10"],
 }
 
 

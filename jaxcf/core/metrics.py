@@ -27,11 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcf.core import fallback, ranking
+from jaxcf.core.models import ITEM_TABLES, USER_TABLES
 from jaxcf.core.scoring import predict_pairs
 
 # Pairs per device call when answering (Model.predict, evaluate, the closing metrics): one chunk size
 # for all of them, so the same pairs get the same float32 answers on every route.
 PREDICT_CHUNK = 65536
+SCORING_TABLES = (*USER_TABLES, *ITEM_TABLES)
 # The parts of a split that are scored, and the prefix of their metrics.
 PARTS = (("valid", "valid_"), ("test", "test_"))
 
@@ -110,7 +112,7 @@ class Answers:
     """What a rating model answers for index pairs (``Model.predict``'s rule, the one copy).
 
     Args:
-      params: the model's tables (an ensemble's stacked).
+      params: the model's tables (an ensemble's stacked; tables other than ``jaxcf.core.models``'s are left out).
       y_range: the biased model's output range, or None.
       seen_users, seen_items: int[n] the training pairs (they say which ids were trained, and the
         fallback's means are taken over them).
@@ -119,7 +121,8 @@ class Answers:
 
     def __init__(self, params: Mapping, y_range, seen_users: np.ndarray, seen_items: np.ndarray, num_users: int,
                  num_items: int):
-        self.params = {name: jnp.asarray(table) for name, table in params.items()}
+        # The scoring tables only: an export may hold a family's own tables too (never scored).
+        self.params = {name: jnp.asarray(table) for name, table in params.items() if name in SCORING_TABLES}
         self.y_range = tuple(float(v) for v in y_range) if y_range is not None else None
         self.seen_users, self.seen_items = np.asarray(seen_users), np.asarray(seen_items)
         self.num_users, self.num_items = num_users, num_items

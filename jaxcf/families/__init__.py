@@ -6,6 +6,7 @@ kind        feedback     the family
 ``bias``    explicit     the notebook's ``EmbeddingDotProdBias``, by a gradient optimizer (``sgd``)
 ``dot``     explicit     the notebook's ``EmbeddingDotProd``, by a gradient optimizer (``sgd``)
 ``bpmf``    explicit     Bayesian matrix factorisation by Gibbs sampling (``bpmf``)
+``bfm``     explicit     Bayesian factorisation machine (ids, SVD++ and flipped sets) by Gibbs (``bfm``)
 ``ials``    implicit     implicit alternating least squares (``ials``)
 ``bpr``     implicit     Bayesian personalised ranking (``bpr``)
 ``ease``    implicit     EASE, closed form (``ease``)
@@ -36,12 +37,12 @@ from jaxcf.core import config as core
 from jaxcf.core.configfile import apply_overrides, suggest
 from jaxcf.core.errors import ConfigError, ModelError
 from jaxcf.core.family import Family, Spec
-from jaxcf.families import _sections, blend, bpmf, bpr, ease, ials, sgd
+from jaxcf.families import _sections, bfm, blend, bpmf, bpr, ease, ials, sgd
 
 log = logging.getLogger("jaxcf")
 
-SPECS: dict[str, Spec] = {spec.name: spec for spec in (sgd.BIAS, sgd.DOT, bpmf.SPEC, ials.SPEC, bpr.SPEC, ease.SPEC,
-                                                        blend.SPEC)}
+SPECS: dict[str, Spec] = {spec.name: spec for spec in (sgd.BIAS, sgd.DOT, bpmf.SPEC, bfm.SPEC, ials.SPEC, bpr.SPEC,
+                                                        ease.SPEC, blend.SPEC)}
 # The sections every config has beyond the core ones: the shared ones, then each family's own.
 SECTIONS = tuple(dict.fromkeys((*_sections.SECTIONS, *(s for spec in SPECS.values() for s in spec.sections))))
 Config = core.assemble(SECTIONS)

@@ -16,8 +16,9 @@ from jaxcf.core.errors import ConfigError
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     # The model family (jaxcf.families): "bias" is the notebook's EmbeddingDotProdBias and "dot" its
-    # EmbeddingDotProd (explicit ratings, trained by a gradient optimizer); "bpmf" Bayesian MF by Gibbs
-    # sampling; "ials", "bpr", "ease" and "blend" (EASE and iALS) learn from implicit feedback.
+    # EmbeddingDotProd (explicit ratings, trained by a gradient optimizer); "bpmf" Bayesian MF and "bfm" a
+    # Bayesian factorisation machine, by Gibbs sampling; "ials", "bpr", "ease" and "blend" (EASE and iALS)
+    # learn from implicit feedback.
     kind: str = "bias"
     n_factors: int = 50
     # Output range of the biased model's scaled sigmoid; null takes (min, max) of the ratings.

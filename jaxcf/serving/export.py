@@ -1,11 +1,11 @@
 """The portable model export (format 3): one writer and one reader, for every kind of model.
 
 Files in ``WORKDIR/model``: ``weights.safetensors`` (the tables, names as in ``jaxcf.core.models``; an
-ensemble's stacked along a leading member axis), ``ids.json`` (raw ids of every row, in index
-order), ``seen.safetensors`` (the training pairs and their ratings, for "exclude seen", the fallback
-and fold-in of known users), ``items.json``
-(titles, when known) and ``metadata.json`` (model, data, config, metrics, and every other file's size
-and sha256). No pickles anywhere: JSON and safetensors only.
+ensemble's stacked along a leading member axis; any table a family keeps for itself, never scored, is
+declared with its shape in the model section's ``extra_tables``), ``ids.json`` (raw ids of every row, in
+index order), ``seen.safetensors`` (the training pairs and their ratings, for "exclude seen", the
+fallback and fold-in of known users), ``items.json`` (titles, when known) and ``metadata.json`` (model,
+data, config, metrics, and every other file's size and sha256). No pickles anywhere: JSON and safetensors only.
 
 Written as a whole: every file goes into a new folder beside ``model/``, which then replaces it in one
 rename (``jaxcf.core.fileio.replace_directory``), so a failed export (a full disk, a kill) leaves the
@@ -433,6 +433,17 @@ def _ids(raw: list, where: str, what: str) -> np.ndarray:
     return values
 
 
+def _extra_tables(model: Mapping[str, Any], bad) -> dict[str, tuple[int, ...]]:
+    """A family's own tables (what its fold-in needs, say; never scored): ``extra_tables``, name -> shape."""
+    declared, scoring = model.get("extra_tables") or {}, {name for names in TABLES.values() for name in names}
+    if not isinstance(declared, dict) or not all(
+            isinstance(name, str) and name not in scoring and isinstance(shape, list) and shape
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+            for name, shape in declared.items()):
+        raise bad(f"extra_tables must map new table names to shapes (lists of sizes); got {declared!r}")
+    return {name: tuple(shape) for name, shape in declared.items()}
+
+
 def _check(result: Export, where: str, header: Mapping[str, Any]) -> None:
     """The consistency checks shared by :func:`read` and :func:`build`."""
 
@@ -466,7 +477,8 @@ def _check(result: Export, where: str, header: Mapping[str, Any]) -> None:
             raise bad(f"the biased model needs a finite y_range [low, high] with low < high; got {y_range!r}")
     elif y_range is not None:
         raise bad(f"a {kind!r} model has no y_range; got {y_range!r}")
-    names = TABLES[scoring]
+    declared = _extra_tables(model, bad)
+    names = (*TABLES[scoring], *declared)
     missing = [t for t in names if t not in result.weights]
     extra = [t for t in result.weights if t not in names]
     if missing or extra:
@@ -481,7 +493,8 @@ def _check(result: Export, where: str, header: Mapping[str, Any]) -> None:
     rows = {"user_embedding": num_users, "item_embedding": num_items, "user_bias": num_users, "item_bias": num_items}
     lead = (members,) if members is not None else ()
     for name, table in result.weights.items():
-        expected = (*lead, rows[name], width if name.endswith("embedding") else 1)
+        expected = (declared[name] if name in declared
+                    else (*lead, rows[name], width if name.endswith("embedding") else 1))
         if table.dtype != np.float32 or table.shape != expected:
             raise bad(f"{name} is {table.dtype}{list(table.shape)}, expected float32{list(expected)}")
         if not np.all(np.isfinite(table)):

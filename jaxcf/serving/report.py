@@ -110,12 +110,24 @@ def plot_curves(records: list[dict], path: Path) -> None:
         rmse_ax.set(xlabel="epoch", ylabel="on the test interactions", title="Ranking metrics")
         rmse_ax.legend()
     else:
-        rmse_ax.plot(epochs, [r.get("valid_rmse") for r in records], marker="o", color="C2")
-        rmse_ax.set(xlabel="epoch", ylabel="RMSE", title="Validation RMSE")
+        prefix, part = held_out(records[-1])
+        values = [r.get(prefix + "rmse") for r in records]
+        rmse_ax.plot(epochs, [np.nan if v is None else v for v in values], marker="o", color="C2")
+        rmse_ax.set(xlabel="epoch", ylabel="RMSE", title=f"{part.capitalize()} RMSE" if part else "RMSE")
     for ax in (loss_ax, rmse_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     _save(fig, path)
+
+
+def held_out(record: dict) -> tuple[str, str | None]:
+    """(metric prefix, name) of the part a rating model's record was scored on: the validation part,
+    else the test part (a named fold, or ``data.test_path``), else none (``data.valid_fraction: 0``)."""
+    if "valid_rmse" in record:
+        return "valid_", "validation"
+    if "test_rmse" in record:
+        return "test_", "test"
+    return "", None
 
 
 def is_implicit(records: list[dict]) -> bool:
@@ -274,8 +286,10 @@ def _write(model: Model, out: Path) -> None:
                        f"{last['mrr']:.4f} on the test interactions ({last['scored_users']} users scored), "
                        f"train loss {last['train_loss']:.4f}.")
         else:
-            summary = (f"validation RMSE **{last['valid_rmse']:.4f}**, validation MSE {last['valid_mse']:.4f}, "
-                       f"train loss {last['train_loss']:.4f} (the notebook's smoothed batch MSE).")
+            prefix, part = held_out(last)
+            scored = (f"{part} RMSE **{last[prefix + 'rmse']:.4f}**, {part} MSE {last[prefix + 'mse']:.4f}, "
+                      if part else "nothing held out, ")
+            summary = scored + f"train loss {last['train_loss']:.4f} (the model's training MSE)."
         lines += [
             f"Per-epoch metrics from `{metrics_source}`. After epoch {last['epoch']}: {summary}",
             "",

@@ -51,9 +51,9 @@ def check_sweepable(config) -> None:
 
     if isinstance(config, dict):
         model = families.translate(config).get("model")
-        kind = model.get("kind", "bias") if isinstance(model, dict) else "bias"
+        kind = model.get("kind") if isinstance(model, dict) else None
         if not isinstance(kind, str):
-            return  # the full validation names what is wrong with it
+            return  # the default kind, or a value the full validation names as wrong
         family = families.spec(kind)
     else:
         kind, family = config.model.kind, families.resolve(config)

@@ -28,7 +28,7 @@ KINDS = {
     "bias": ("bias.yaml", ["model.n_factors=4", "train.epochs=2"]),
     "dot": ("dot.yaml", ["model.n_factors=4", "train.epochs=2"]),
     "ensemble": ("bias.yaml", ["model.n_factors=4", "train.epochs=2", "ensemble.size=3"]),
-    "bpmf": ("best.yaml", ["model.n_factors=3", "train.epochs=6", "ensemble.size=4", "ensemble.chains=2",
+    "bpmf": ("bpmf.yaml", ["model.n_factors=3", "train.epochs=6", "ensemble.size=4", "ensemble.chains=2",
                            "ensemble.burn_in=2"]),
     "ials": ("ials.yaml", ["model.n_factors=4", "train.epochs=2", "implicit.regularization=1"]),
     "bpr": ("bpr.yaml", ["model.n_factors=4", "train.epochs=2", "train.batch_size=64"]),

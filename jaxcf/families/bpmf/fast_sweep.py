@@ -1,7 +1,7 @@
 """One BPMF Gibbs sweep on bucketed per-row normal equations (``jaxcf.core.rows``), chain after chain.
 
 The same sampler as ``jaxcf.families.bpmf.fit.make_sweep``, step for step and draw for draw: each side's
-hyper-parameters from ``jaxcf.families.bpmf.fit.sample_hyperparameters``, then every user given the items, then
+hyper-parameters from ``jaxcf.families.bpmf.prior.sample_hyperparameters``, then every user given the items, then
 every item given the new users, with the same key splits and the same ``jax.random.normal`` shapes,
 so the same keys give the same chains up to float32 rounding (``tests/test_rows.py``). What
 differs is the arithmetic: each row's ``sum V_i V_i^T`` is summed over its own ratings only
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcf.core import batchlast, rows
-from jaxcf.families.bpmf import fit
+from jaxcf.families.bpmf import prior
 
 
 def make_side(own: np.ndarray, other: np.ndarray, targets: np.ndarray, num_rows: int,
@@ -62,7 +62,7 @@ def sample_side(key: jax.Array, own: jax.Array, other: jax.Array, index: rows.Ro
         raise ValueError(f"the index was built for {index.num_rows} x {index.num_other} rows; the tables have "
                          f"{own.shape[0]} and {other.shape[0]} (build it with the padded table sizes)")
     key_hyper, key_rows = jax.random.split(key)
-    mu, lam = fit.sample_hyperparameters(key_hyper, own, num_rows)
+    mu, lam = prior.sample_hyperparameters(key_hyper, own, num_rows)
     drawn = rows.draw_rows(key_rows, other, index, mu, lam, alpha)
     if num_rows is None or num_rows == own.shape[0]:
         return drawn
@@ -112,8 +112,8 @@ class Sweep:
                  num_users: int | None = None, num_items: int | None = None):
         self.sides = ((user_side, num_users), (item_side, num_items))
         self.size = max(user_side.num_rows, item_side.num_rows)
-        self.statistics = jax.jit(fit.side_statistics, static_argnums=1)
-        self.hyper = jax.jit(fit.draw_hyperparameters)
+        self.statistics = jax.jit(prior.side_statistics, static_argnums=1)
+        self.hyper = jax.jit(prior.draw_hyperparameters)
         self.systems = jax.jit(_systems, static_argnums=(5, 6))
         self.draw = jax.jit(_draw)
         self.finish = jax.jit(_finish, static_argnums=2)

@@ -42,11 +42,16 @@ from jaxcf.core.errors import DataError
 from jaxcf.core.family import Family
 from jaxcf.data import Dataset
 from jaxcf.families.bpmf import SPEC
+from jaxcf.families.bpmf.prior import (  # noqa: F401  (the hyper-parameter draws, also used here)
+    BETA0,
+    draw_hyperparameters,
+    sample_hyperparameters,
+    side_statistics,
+    wishart,
+)
 
 # Ratings per scan step when summing outer products (memory: chunk * F * F floats per chain).
 CHUNK = 8192
-# The Normal-Wishart hyper-prior of the paper: mu0 = 0, beta0 = 2, W0 = I, nu0 = F.
-BETA0 = 2.0
 
 
 class Side(NamedTuple):
@@ -98,68 +103,6 @@ def make_side(own: np.ndarray, other: np.ndarray, targets: np.ndarray, num_rows:
         other=np.pad(other, (0, pad)).reshape(chunks, CHUNK).astype(np.int32),
         targets=np.pad(targets, (0, pad)).reshape(chunks, CHUNK).astype(np.float32),
     )
-
-
-def wishart(key: jax.Array, scale_root: jax.Array, df: float) -> jax.Array:
-    """One draw of Wishart(scale, df) by the Bartlett decomposition.
-
-    Args:
-      key: a PRNG key.
-      scale_root: float32[F, F], any M with ``M @ M.T == scale`` (the distribution of
-        ``A @ A.T`` is invariant under rotations, so M need not be triangular).
-      df: degrees of freedom, > F - 1.
-
-    Returns:
-      float32[F, F] symmetric positive definite.
-    """
-    size = scale_root.shape[0]
-    key_chi, key_normal = jax.random.split(key)
-    # A_ii = sqrt(chi2(df - i)) for i = 0..F-1; chi2(k) = 2 * Gamma(k / 2).
-    chi2 = 2.0 * jax.random.gamma(key_chi, (df - jnp.arange(size)) / 2.0)
-    bartlett = jnp.tril(jax.random.normal(key_normal, (size, size)), -1) + jnp.diag(jnp.sqrt(chi2))
-    root = scale_root @ bartlett
-    return root @ root.T
-
-
-def side_statistics(factors: jax.Array, num_rows: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """What a side's hyper-parameter draw needs of its vectors: their mean (float32[F]), ``rows`` times
-    their sample covariance (float32[F, F]) and ``rows`` (float32[]), over the leading ``num_rows`` real
-    rows (the others pad the table on a mesh; None: all)."""
-    rows = factors.shape[0] if num_rows is None else num_rows
-    real = (jnp.arange(factors.shape[0]) < rows)[:, None]
-    mean = jnp.sum(jnp.where(real, factors, 0.0), axis=0) / rows
-    centred = jnp.where(real, factors - mean[None], 0.0)
-    return mean, centred.T @ centred, jnp.asarray(rows, factors.dtype)
-
-
-def draw_hyperparameters(key: jax.Array, mean: jax.Array, scatter: jax.Array, rows: jax.Array
-                         ) -> tuple[jax.Array, jax.Array]:
-    """Draws (mu float32[F], Lambda float32[F, F]) from their Normal-Wishart conditional given a side's
-    :func:`side_statistics` (``rows`` may be traced: one compiled program serves both sides)."""
-    size = mean.shape[0]
-    beta = BETA0 + rows
-    # W*^-1 = W0^-1 + N S + beta0 N / (beta0 + N) (mu0 - mean)(mu0 - mean)^T, with mu0 = 0, W0 = I.
-    inverse_scale = jnp.eye(size) + scatter + (BETA0 * rows / beta) * jnp.outer(mean, mean)
-    inverse_scale = (inverse_scale + inverse_scale.T) / 2
-    key_wishart, key_normal = jax.random.split(key)
-    lam = wishart(key_wishart, linalg.inverse_root(inverse_scale), size + rows)
-    mu = rows * mean / beta + linalg.inverse_root(beta * lam) @ jax.random.normal(key_normal, (size,))
-    return mu, lam
-
-
-def sample_hyperparameters(
-    key: jax.Array, factors: jax.Array, num_rows: int | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """Draws (mu, Lambda) of one side from their Normal-Wishart conditional given its vectors.
-
-    Args:
-      factors: float32[rows, F] the side's current vectors.
-      num_rows: how many leading rows are real (the others pad the table on a mesh); None: all.
-
-    Returns:
-      (mu float32[F], Lambda float32[F, F]).
-    """
-    return draw_hyperparameters(key, *side_statistics(factors, num_rows))
 
 
 def normal_equations(other_factors: jax.Array, side: Side, num_rows: int) -> tuple[jax.Array, jax.Array]:
