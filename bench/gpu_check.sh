@@ -10,8 +10,8 @@
 #   3. the scale benchmark, 20M ratings          bench/scale.py --ratings 2e7
 #   4. float32 embedding scatter-add timing, with and without
 #      XLA_FLAGS=--xla_backend_extra_options=-nvptx-allow-ftz-atomics   bench/scatter_add.py
-#   5. every family's whole fit on the GPU (BPMF, iALS exact and CG, BPR at implicit's settings, EASE,
-#      the notebook's model), jaxcf's side of bench/vs_peers.py (the peers are not installed there)
+#   5. every family's whole fit on the GPU (BPMF, the Bayesian FM, iALS exact and CG, BPR at implicit's
+#      settings, EASE, the notebook's model), jaxcf's side of bench/vs_peers.py (the peers are not installed there)
 # Each step has its own time cap inside an overall deadline of 540 s; a step that fails or runs out
 # of time is recorded as such and the next one still runs. Everything goes into OUT_DIR/gpu_check.json
 # (plus each step's own JSON and log). The figures are what this machine measured: nothing here is
@@ -51,7 +51,7 @@ run vs_torch 90 $PYTHON bench/vs_torch.py --repeats 3 --skip-cli --json "$OUT_DI
 run scale 110 $PYTHON bench/scale.py --ratings 2e7 --epochs 2 --csv-dir "${TMPDIR:-/tmp}/jaxcf-bench-scale" \
   --json "$OUT_DIR/scale.json"
 run scatter_add 40 $PYTHON bench/scatter_add.py --repeats 5 --json "$OUT_DIR/scatter_add.json"
-run families 150 $PYTHON bench/vs_peers.py --sides jaxcf --no-cli --rows bpmf-r20,ials,ials-cg,bpr,ease,bias \
+run families 150 $PYTHON bench/vs_peers.py --sides jaxcf --no-cli --rows bpmf-r20,bfm,ials,ials-cg,bpr,ease,bias \
   --json "$OUT_DIR/families.json"
 
 $PYTHON - "$OUT_DIR" <<'EOF'

@@ -289,7 +289,7 @@ def _write(model: Model, out: Path) -> None:
             prefix, part = held_out(last)
             scored = (f"{part} RMSE **{last[prefix + 'rmse']:.4f}**, {part} MSE {last[prefix + 'mse']:.4f}, "
                       if part else "nothing held out, ")
-            summary = scored + f"train loss {last['train_loss']:.4f} (the model's training MSE)."
+            summary = scored + f"train loss {last['train_loss']:.4f}."
         lines += [
             f"Per-epoch metrics from `{metrics_source}`. After epoch {last['epoch']}: {summary}",
             "",
