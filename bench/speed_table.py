@@ -1,6 +1,9 @@
-"""The Speed table of README.md and BENCHMARKS.md, rendered from ``results/vs_peers.json``.
+"""The Speed table of README.md and BENCHMARKS.md, rendered from ``results/vs_peers*.json``.
 
-    python bench/speed_table.py [--json results/vs_peers.json] [--write]
+    python bench/speed_table.py [--json results/vs_peers.json results/vs_peers-bfm.json] [--write]
+
+Each file is one run of ``bench/vs_peers.py``; the table lists their rows in order, and one line per
+file says where and when it was measured.
 
 Prints the markdown table; ``--write`` replaces the text between ``<!-- speed-table:start -->`` and
 ``<!-- speed-table:end -->`` in README.md and BENCHMARKS.md with it. ``tests/test_docs.py`` checks
@@ -27,12 +30,15 @@ def figure(value, spec: str, std=None) -> str:
     return format(value, spec) + (f" ± {format(std, spec)}" if std is not None else "")
 
 
-def render(record: dict) -> str:
-    """The table, one line per row of the benchmark, then where and when it was measured."""
+DEFAULT_FILES = ("results/vs_peers.json", "results/vs_peers-bfm.json")
+
+
+def render(records: list[dict]) -> str:
+    """The table, one line per row of the benchmark runs, then where and when each was measured."""
     lines = ["| workload | jaxcf fit s (cold) | original fit s | ratio | jaxcf s/iter | original s/iter | ratio | "
              "metric: jaxcf | original | peak MB jaxcf / original |",
              "|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
-    for name, row in record["rows"].items():
+    for name, row in ((n, r) for record in records for n, r in record["rows"].items()):
         jax_side, peer = row["jaxcf"], row["peer_result"]
         metric = row["metric_name"]
         cold = row.get("jaxcf_cold", {}).get("fit_s")
@@ -47,15 +53,16 @@ def render(record: dict) -> str:
             f"{figure(peer.get('per_iter_s'), '.4f')} | **{figure(row.get('ratio_per_iter_s'), '.2f')}** | "
             f"{metric} {figure(jax_side.get(metric), '.4f', jax_side.get(metric + '_std'))} | "
             f"{figure(peer.get(metric), '.4f', peer.get(metric + '_std'))} | {rss} |")
-    machine = record.get("machine", {})
-    load = record.get("load_average_before") or ["?"]
     lines.append("")
-    lines.append(f"Measured by `{record.get('command', 'python bench/vs_peers.py')}` on {machine.get('cpu_model')} "
-                 f"({machine.get('cpu_count')} cores, no GPU), {machine.get('date_utc')} UTC, jax "
-                 f"{machine.get('versions', {}).get('jax')}; load average {load[0]} at the start (a shared host). "
-                 "Ratios are jaxcf / "
-                 "original (below 1: jaxcf faster); fit seconds are warm (the compilation cache filled by the "
-                 "cold run before, in a new process), the cold run in brackets.")
+    for record in records:
+        machine = record.get("machine", {})
+        load = record.get("load_average_before") or ["?"]
+        lines.append(f"Rows {', '.join(f'`{n}`' for n in record['rows'])}: `{record.get('command')}` on "
+                     f"{machine.get('cpu_model')} ({machine.get('cpu_count')} cores, no GPU), "
+                     f"{machine.get('date_utc')} UTC, jax {machine.get('versions', {}).get('jax')}; load average "
+                     f"{load[0]} at the start (a shared host).")
+    lines.append("Ratios are jaxcf / original (below 1: jaxcf faster); jaxcf's fit seconds are warm (the "
+                 "compilation cache filled by the cold run before, in a new process), the cold run in brackets.")
     return "\n".join(lines)
 
 
@@ -73,10 +80,10 @@ def held(text: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, default=ROOT / "results" / "vs_peers.json")
+    parser.add_argument("--json", type=Path, nargs="+", default=[ROOT / f for f in DEFAULT_FILES])
     parser.add_argument("--write", action="store_true", help="write the table into README.md and BENCHMARKS.md")
     args = parser.parse_args(argv)
-    table = render(json.loads(args.json.read_text()))
+    table = render([json.loads(path.read_text()) for path in args.json if path.is_file()])
     print(table)
     if args.write:
         for name in TARGETS:
