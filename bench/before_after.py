@@ -84,8 +84,15 @@ def main() -> int:
     parser.add_argument("--before", required=True, help="the earlier commit (any git revision)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--scale-ratings", default="5e6")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help=f"any of {','.join(WORKLOADS)}, comma-separated (default: all)")
+    parser.add_argument("--no-scale", action="store_true", help="skip the synthetic scale workload")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in chosen if w not in WORKLOADS]
+    if unknown or not chosen:
+        parser.error(f"unknown workload(s) {unknown}; choose from {','.join(WORKLOADS)}")
     revision = subprocess.run(["git", "rev-parse", args.before], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
     after = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -95,34 +102,37 @@ def main() -> int:
         subprocess.run(["git", "worktree", "add", "--detach", str(before_tree), revision], cwd=ROOT, check=True,
                        capture_output=True)
         try:
-            names = (*WORKLOADS, "scale")
+            names = (*chosen, "scale")
             runs = {label: {name: [] for name in names} for label in ("before", "after")}
             load_before = machine.load_average()
             for round_number in range(args.rounds):
                 order = (("before", before_tree), ("after", ROOT)) if round_number % 2 == 0 else \
                     (("after", ROOT), ("before", before_tree))
                 for label, tree in order:
-                    for workload in WORKLOADS:
+                    for workload in chosen:
                         runs[label][workload].append(epochs(tree, workload))
-                    runs[label]["scale"].append(scale(tree, args.scale_ratings))
+                    if not args.no_scale:
+                        runs[label]["scale"].append(scale(tree, args.scale_ratings))
                     print(f"round {round_number + 1} {label:>6}: "
-                          + ", ".join(f"{w} {runs[label][w][-1]['train_s']:.3f} s" for w in WORKLOADS)
-                          + f", scale {runs[label]['scale'][-1]['ratings_per_s'] / 1e6:.2f} M ratings/s", flush=True)
+                          + ", ".join(f"{w} {runs[label][w][-1]['train_s']:.3f} s" for w in chosen), flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(before_tree)], cwd=ROOT, capture_output=True)
     summary = {}
     for label in ("before", "after"):
-        summary[label] = {"scale_ratings_per_s": statistics.median(r["ratings_per_s"] for r in runs[label]["scale"])}
-        for workload in WORKLOADS:
+        summary[label] = ({} if args.no_scale else
+                          {"scale_ratings_per_s": statistics.median(r["ratings_per_s"] for r in runs[label]["scale"])})
+        for workload in chosen:
             summary[label][f"{workload}_train_s"] = statistics.median(r["train_s"] for r in runs[label][workload])
             summary[label][f"{workload}_epoch_s"] = statistics.median(r["epoch_s"] for r in runs[label][workload])
     ratio = {key: summary["after"][key] / summary["before"][key] for key in summary["after"]}
-    for workload in WORKLOADS:
+    for workload in chosen:
         key = f"{workload}_train_s"
         print(f"{workload} epoch (training): before {summary['before'][key]:.3f} s, after "
               f"{summary['after'][key]:.3f} s (after/before {ratio[key]:.3f})")
-    print(f"scale {args.scale_ratings}: before {summary['before']['scale_ratings_per_s'] / 1e6:.2f} M/s, after "
-          f"{summary['after']['scale_ratings_per_s'] / 1e6:.2f} M/s (after/before {ratio['scale_ratings_per_s']:.3f})")
+    if not args.no_scale:
+        print(f"scale {args.scale_ratings}: before {summary['before']['scale_ratings_per_s'] / 1e6:.2f} M/s, after "
+              f"{summary['after']['scale_ratings_per_s'] / 1e6:.2f} M/s "
+              f"(after/before {ratio['scale_ratings_per_s']:.3f})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
