@@ -33,7 +33,6 @@ import os
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # myFM's progress bar
@@ -44,32 +43,13 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402
+from peers import import_myfm  # noqa: E402
 
 CONFIGS = {"ids": (False, False), "svdpp": (True, False), "flipped": (True, True)}
 DATASETS = {"small": ({}, 20), "100k": ({"name": "ml-100k", "split": "u1"}, 10)}
 # myFM 0.4's figures from docs/ENVIRONMENT.md (rank 20 / 10, 200 sweeps, training implicit sets).
 TARGETS = {("small", "flipped"): 0.8444, ("small", "ids"): 0.8569, ("100k", "flipped"): 0.8913}
 PARITY = 0.002
-
-
-def import_myfm():
-    try:
-        import pkg_resources  # noqa: F401
-    except ImportError:
-        stub = types.ModuleType("pkg_resources")
-
-        class DistributionNotFound(Exception):
-            pass
-
-        def get_distribution(name):
-            raise DistributionNotFound(name)
-
-        stub.DistributionNotFound = DistributionNotFound
-        stub.get_distribution = get_distribution
-        sys.modules["pkg_resources"] = stub
-    import myfm
-
-    return myfm
 
 
 class Problem:
@@ -236,7 +216,7 @@ def main() -> int:
     if args.quick:
         seeds, sweeps, kept = seeds[:1], 20, 10
     load_before = machine.load_average()
-    myfm = import_myfm()
+    myfm, _ = import_myfm()
     print(f"CPU: {machine.cpu_model()} ({os.cpu_count()} cores); load {load_before}; {sweeps} sweeps, {kept} kept, "
           f"seeds {seeds}", flush=True)
     records = []

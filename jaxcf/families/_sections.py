@@ -106,3 +106,25 @@ def single_model(config, why: str) -> None:
     """Refuses an ensemble (``ensemble.size`` > 1) for a family that trains one model."""
     if config.ensemble.size != 1:
         raise ConfigError(f"model.kind {config.model.kind}: {why}; set ensemble.size: 1")
+
+
+def sampler(config) -> None:
+    """What every Gibbs sampler's config must hold (``bpmf``, ``bfm``): ``ensemble.size`` kept samples,
+    a whole number per chain, that fit in ``train.epochs`` sweeps after ``ensemble.burn_in``; no early
+    stopping.
+
+    Raises:
+      ConfigError: naming the key.
+    """
+    ensemble = config.ensemble
+    if ensemble.size % ensemble.chains:
+        raise ConfigError(f"ensemble.size ({ensemble.size}) must be a multiple of ensemble.chains ({ensemble.chains})")
+    per_chain = ensemble.size // ensemble.chains
+    if config.train.epochs - ensemble.burn_in < per_chain:
+        raise ConfigError(
+            f"train.epochs ({config.train.epochs} sweeps) leaves fewer than {per_chain} sweeps per chain after "
+            f"ensemble.burn_in ({ensemble.burn_in}); raise train.epochs or lower ensemble.size"
+        )
+    if config.train.early_stopping_patience:
+        raise ConfigError(f"train.early_stopping_patience does not apply to a sampler (model.kind "
+                          f"{config.model.kind}); set it to 0")

@@ -45,6 +45,7 @@ import dataclasses
 from jaxcf.core.config import choice
 from jaxcf.core.errors import ConfigError
 from jaxcf.core.family import EXPLICIT, PRODUCT, Spec
+from jaxcf.families import _sections
 
 # The export's tables beyond the dot model's (see the module docstring and jaxcf.families.bfm.foldin):
 # IMPLICIT_TABLE float32[K, I, F + 1] is each sample's implicit-set vector of every item, then its
@@ -79,22 +80,13 @@ def validate(config) -> None:
     Raises:
       ConfigError: naming the key.
     """
-    section, ensemble, kind = config.bfm, config.ensemble, config.model.kind
+    section = config.bfm
     choice("bfm.implicit_from", section.implicit_from, IMPLICIT_FROM)
     if not (section.user or section.implicit):
         raise ConfigError("bfm.user and bfm.implicit are both off: the user side has no feature; switch one on")
     if not (section.item or section.flipped):
         raise ConfigError("bfm.item and bfm.flipped are both off: the item side has no feature; switch one on")
-    if ensemble.size % ensemble.chains:
-        raise ConfigError(f"ensemble.size ({ensemble.size}) must be a multiple of ensemble.chains ({ensemble.chains})")
-    per_chain = ensemble.size // ensemble.chains
-    if config.train.epochs - ensemble.burn_in < per_chain:
-        raise ConfigError(
-            f"train.epochs ({config.train.epochs} sweeps) leaves fewer than {per_chain} sweeps per chain after "
-            f"ensemble.burn_in ({ensemble.burn_in}); raise train.epochs or lower ensemble.size"
-        )
-    if config.train.early_stopping_patience:
-        raise ConfigError(f"train.early_stopping_patience does not apply to a sampler (model.kind {kind}); set it to 0")
+    _sections.sampler(config)
 
 
 def build(config, dataset, layout=None, orders=None):

@@ -12,26 +12,16 @@ half is ``fit``.
 
 from __future__ import annotations
 
-from jaxcf.core.errors import ConfigError
 from jaxcf.core.family import EXPLICIT, PRODUCT, Spec
 from jaxcf.core.foldin import Solver
+from jaxcf.families import _sections
 
 # Fold-in's prior: the sampler's own (the users' rows fitted by the model), at full strength.
 PRIOR_SCALE = 1.0
 
 
 def validate(config) -> None:
-    ensemble = config.ensemble
-    if ensemble.size % ensemble.chains:
-        raise ConfigError(f"ensemble.size ({ensemble.size}) must be a multiple of ensemble.chains ({ensemble.chains})")
-    per_chain = ensemble.size // ensemble.chains
-    if config.train.epochs - ensemble.burn_in < per_chain:
-        raise ConfigError(
-            f"train.epochs ({config.train.epochs} sweeps) leaves fewer than {per_chain} sweeps per chain after "
-            f"ensemble.burn_in ({ensemble.burn_in}); raise train.epochs or lower ensemble.size"
-        )
-    if config.train.early_stopping_patience:
-        raise ConfigError("train.early_stopping_patience does not apply to a sampler (model.kind bpmf); set it to 0")
+    _sections.sampler(config)
 
 
 def build(config, dataset, layout=None, orders=None):
